@@ -1,0 +1,52 @@
+# ingestd: two commands for a newcomer on a fresh Debian machine:
+#   make run    set everything up and run the daemon on a working local default
+#   make test   set everything up and run the test suite against real servers
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Servers the tests (and `make run`) start themselves; apt may also start system copies,
+# which do not get in the way: every test server listens on its own free port.
+DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-metrics influxdb \
+                python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages test lint run clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make setup: installing Debian packages:" $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "make setup: run as root (or install sudo) to install:" $$missing >&2; exit 1; fi; \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "make setup: ingestd needs Python >= 3.11 (PYTHON=$(PYTHON))" >&2; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check ingestd tests
+	$(BIN)/ruff format --check ingestd tests
+	$(BIN)/mypy
+
+run: setup
+	$(BIN)/python -m ingestd check --config config/ingestd.yaml
+	$(BIN)/ingestd run --config config/ingestd.yaml
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

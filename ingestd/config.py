@@ -1,0 +1,546 @@
+"""One typed Settings tree, read from a YAML file, secret files and ``INGESTD_*`` variables.
+
+Precedence, highest first: environment (``INGESTD_<SECTION>__<KEY>``), secret files
+(``<section>__<key>`` in the secrets directory, e.g. systemd's ``$CREDENTIALS_DIRECTORY``),
+the config file, defaults. Every problem is reported at once, each naming where the value
+came from (file and line, variable or secret file), the key, the bad value and what is
+accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ingestd.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "GuardSection",
+    "HttpSection",
+    "InfluxSection",
+    "LoggingSection",
+    "MqttSection",
+    "Settings",
+    "SpoolSection",
+    "Subscription",
+    "load_settings",
+    "mask_url",
+    "render_settings",
+]
+
+ENV_PREFIX = "INGESTD_"
+DEFAULT_CONFIG_PATH = Path("/etc/ingestd/ingestd.yaml")
+# Variables the command line reads itself; they are not settings.
+_CLI_VARIABLES = frozenset({"INGESTD_CONFIG", "INGESTD_SECRETS_DIR"})
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 10s, 5m, 2h or 1d")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("expected a duration such as 500ms, 10s, 5m, 2h or 1d (a bare number is seconds)")
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+"""Seconds; written in config as ``500ms``, ``10s``, ``5m``, ``2h``, ``1d`` or a number."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: safe for logs and ``check --show``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _check_url(url: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        accepted = " or ".join(f"{s}://HOST[:PORT]" for s in schemes)
+        raise ValueError(f"expected a URL like {accepted}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("the port must be a number between 0 and 65535") from None
+    return url
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_TEMPLATE_VAR = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
+
+
+class Subscription(Section):
+    """One topic tree: how its topics map to tags and how its payloads are decoded."""
+
+    template: str = Field(min_length=1)
+    """Topic levels: literals, ``{name}`` variables (tags), ``{device}`` (required),
+    ``{measurement}`` and ``{field}`` (special); e.g. ``farm/{site}/{device}/{measurement}``."""
+    topic: str | None = None
+    """The MQTT filter to subscribe to; derived from ``template`` ({x} -> +) when unset."""
+    codec: Literal["json", "value", "line", "tasmota", "homie"] = "json"
+    measurement: str | None = None
+    """The measurement when the template has no ``{measurement}``."""
+    field: str = "value"
+    """``value`` codec: the field name when the template has no ``{field}``."""
+    string_fields: list[str] = []
+    """Fields kept as strings; other string values are skipped (numbers are floats)."""
+    time_keys: list[str] = ["time", "timestamp", "ts"]
+    """JSON keys holding the device's timestamp (epoch s/ms/us/ns or ISO 8601)."""
+    timezone: str = "UTC"
+    """Zone of timestamps without an offset (Tasmota sends local time)."""
+    device_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+    measurements: list[str] | None = None
+    """``line`` codec: allowed measurements (all when unset)."""
+    tags: list[str] | None = None
+    """``line`` codec: allowed tag keys (all when unset)."""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        levels = value.split("/")
+        names = [m.group(1) for lvl in levels if (m := _TEMPLATE_VAR.match(lvl))]
+        for level in levels:
+            if ("{" in level or "}" in level) and not _TEMPLATE_VAR.match(level):
+                raise ValueError(f"level {level!r} must be a literal or a whole {{name}}")
+            if level in {"+", "#"}:
+                raise ValueError("use {name} variables, not MQTT wildcards, in a template")
+        if "device" not in names:
+            raise ValueError("a template must contain {device}: identity comes from the topic")
+        if len(set(names)) != len(names):
+            raise ValueError("a variable may appear only once in a template")
+        return value
+
+    @field_validator("device_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @property
+    def filter(self) -> str:
+        """The MQTT topic filter this subscription subscribes to."""
+        if self.topic:
+            return self.topic
+        return "/".join("+" if _TEMPLATE_VAR.match(lvl) else lvl for lvl in self.template.split("/"))
+
+
+class MqttSection(Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = Field(default_factory=lambda: f"ingestd-{socket.gethostname()}", min_length=1)
+    protocol: Literal["5", "3.1.1"] = "5"
+    session_expiry: Duration = 86400.0
+    keepalive: Duration = 30.0
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
+    share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    reconnect_min: Duration = 0.5
+    reconnect_max: Duration = 30.0
+    subscriptions: list[Subscription] = [
+        Subscription(template="farm/{site}/{device}/{measurement}", codec="json")
+    ]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("mqtt", "mqtts"))
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        # YAML reads `protocol: 5` as an int; both spellings mean the same thing.
+        return str(value) if isinstance(value, int | float) else value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Username and password: the explicit keys win over the URL's userinfo."""
+        parts = urlsplit(self.url)
+        username = self.username or parts.username
+        password = self.password.get_secret_value() if self.password else parts.password
+        return username, password
+
+
+class GuardSection(Section):
+    """What input is refused before it reaches the spool, and how many refusals are kept."""
+
+    max_payload_bytes: ByteSize = ByteSize(65536)
+    max_future: Duration = 300.0
+    """Reject readings stamped further ahead than this (device clock skew)."""
+    max_age: Duration = 30 * 86400.0
+    """Reject readings older than this (the TSDB's retention drops them anyway)."""
+    deadletters_max: int = Field(default=100_000, ge=100)
+    """Dead letters kept; the oldest go first."""
+    sample_bytes: int = Field(default=1024, ge=16, le=65536)
+    """Payload bytes kept with each dead letter."""
+
+
+class InfluxSection(Section):
+    url: str = "http://127.0.0.1:8428"
+    api: Literal["v2", "v1"] = "v2"
+    token: SecretStr | None = None
+    org: str = "farm"
+    bucket: str = "farm"
+    database: str = "farm"
+    username: str | None = None
+    password: SecretStr | None = None
+    batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    flush_interval: Duration = 1.0
+    timeout: Duration = 10.0
+    gzip: bool = True
+    backoff_max: Duration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"))
+
+
+class PostgresSection(Section):
+    url: str | None = None
+    password: SecretStr | None = None
+    pool_min: int = Field(default=1, ge=0)
+    pool_max: int = Field(default=10, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, ("postgresql", "postgres"))
+
+    @model_validator(mode="after")
+    def _pool(self) -> PostgresSection:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"pool_min ({self.pool_min}) must not exceed pool_max ({self.pool_max})")
+        return self
+
+
+class RedisSection(Section):
+    url: str | None = None
+    password: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, ("redis", "rediss", "unix"))
+
+
+class QuotasSection(Section):
+    backend: Literal["memory", "redis"] = "memory"
+
+
+class RulesSection(Section):
+    dir: Path = Path("/etc/ingestd/rules")
+
+
+class NotifySection(Section):
+    workers: int = Field(default=4, ge=1, le=64)
+    call_timeout: Duration = 30.0
+
+
+class SpoolSection(Section):
+    dir: Path = Path("/var/lib/ingestd/spool")
+    max_bytes: ByteSize = ByteSize(1 << 30)
+    commit_interval: Duration = 0.005
+
+
+class HttpSection(Section):
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9108 or [::1]:9108")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class LoggingSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one ingestd instance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    mqtt: MqttSection = MqttSection()
+    guard: GuardSection = GuardSection()
+    influx: InfluxSection = InfluxSection()
+    postgres: PostgresSection = PostgresSection()
+    redis: RedisSection = RedisSection()
+    quotas: QuotasSection = QuotasSection()
+    rules: RulesSection = RulesSection()
+    notify: NotifySection = NotifySection()
+    spool: SpoolSection = SpoolSection()
+    http: HttpSection = HttpSection()
+    logging: LoggingSection = LoggingSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats what load_settings() passes in (file overlaid by secrets).
+        return (env_settings, init_settings)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Origins:
+    """Where each value came from, so an error can point at it."""
+
+    config_path: Path | None
+    lines: dict[tuple[str | int, ...], int] = field(default_factory=dict)
+    secret_files: dict[tuple[str, ...], Path] = field(default_factory=dict)
+
+    def describe(self, loc: tuple[str | int, ...], environ: Mapping[str, str]) -> str:
+        for depth in range(len(loc), 0, -1):
+            name = ENV_PREFIX + "__".join(str(p).upper() for p in loc[:depth])
+            if name in environ:
+                return f"environment variable {name}"
+        for depth in range(len(loc), 0, -1):
+            if loc[:depth] in self.secret_files:
+                return f"secret file {self.secret_files[loc[:depth]]}"  # type: ignore[index]
+        if self.config_path is not None:
+            for depth in range(len(loc), -1, -1):
+                line = self.lines.get(loc[:depth])
+                if line is not None:
+                    return f"{self.config_path}:{line}"
+            return str(self.config_path)
+        return "defaults"
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """The document and the line of every key in it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[tuple[str | int, ...], int] = {}
+        doc = _construct(loader, node, (), lines) if node is not None else {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of sections (mqtt:, influx:, ...)")
+    return doc, lines
+
+
+def _construct(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: tuple[str | int, ...],
+    lines: dict[tuple[str | int, ...], int],
+) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(loader.construct_object(key_node))
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = _construct(loader, value_node, (*path, key), lines)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            items.append(_construct(loader, item, (*path, index), lines))
+        return items
+    return loader.construct_object(node)
+
+
+def _read_secrets(directory: Path, origins: _Origins) -> dict[str, Any]:
+    """``<section>__<key>`` files as a nested mapping; unknown names are errors (typos)."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: the secrets directory does not exist")
+    sections = Settings.model_fields
+    secrets: dict[str, Any] = {}
+    problems = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        section, sep, key = entry.name.lower().partition("__")
+        section_type = sections[section].annotation if section in sections else None
+        if not sep or not isinstance(section_type, type) or key not in section_type.model_fields:
+            problems.append(
+                f"secret file {entry}: not a setting; name secret files <section>__<key>, "
+                "e.g. influx__token or mqtt__password"
+            )
+            continue
+        secrets.setdefault(section, {})[key] = entry.read_text(encoding="utf-8").strip()
+        origins.secret_files[(section, key)] = entry
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return secrets
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    sections = Settings.model_fields
+    unknown = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in _CLI_VARIABLES:
+            continue
+        section, sep, _ = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not sep or section not in sections:
+            unknown.append(
+                f"environment variable {name}: not a setting; expected "
+                f"{ENV_PREFIX}<SECTION>__<KEY> with SECTION one of "
+                + ", ".join(s.upper() for s in sections)
+            )
+    return unknown
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _accepted(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
+    if error["type"] == "extra_forbidden":
+        parent: Any = Settings
+        for part in loc[:-1]:
+            field_info = parent.model_fields.get(part) if isinstance(part, str) else None
+            parent = field_info.annotation if field_info else None
+            if not isinstance(parent, type) or not issubclass(parent, BaseModel):
+                return "unknown key"
+        return "unknown key; accepted keys: " + ", ".join(parent.model_fields)
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _format_errors(exc: ValidationError, origins: _Origins, environ: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        bad = error.get("input")
+        secret = any(str(p) in {"password", "token"} for p in loc)
+        shown = "***" if secret else repr(bad) if not isinstance(bad, dict) else "a mapping"
+        value = "" if error["type"] in {"extra_forbidden", "missing"} else f" = {shown}"
+        problems.append(f"{origins.describe(loc, environ)}: {key}{value}: {_accepted(error, loc)}")
+    count = len(problems)
+    head = f"invalid configuration ({count} problem{'s' if count > 1 else ''}):"
+    return head + "".join(f"\n  {p}" for p in problems)
+
+
+def load_settings(config_path: Path | None, secrets_dir: Path | None = None) -> Settings:
+    """Read and validate everything; raise ConfigError listing every problem."""
+    environ = os.environ
+    origins = _Origins(config_path)
+    document: dict[str, Any] = {}
+    if config_path is not None:
+        document, origins.lines = _read_yaml(config_path)
+    if secrets_dir is not None:
+        document = _deep_merge(document, _read_secrets(secrets_dir, origins))
+    unknown = _unknown_variables(environ)
+    if unknown:
+        raise ConfigError("invalid configuration:" + "".join(f"\n  {u}" for u in unknown))
+    try:
+        return Settings(**document)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origins, environ)) from None
+
+
+def render_settings(settings: Settings) -> str:
+    """The effective settings as YAML, with every secret masked."""
+    data = settings.model_dump(mode="json")
+    for section in data.values():
+        for key, value in section.items():
+            if isinstance(value, str) and key == "url":
+                section[key] = mask_url(value)
+            elif key in {"password", "token"} and value is not None:
+                section[key] = "**********"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,46 @@
+"""The daemon's HTTP endpoint: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ingestd.config import HttpSection
+from ingestd.health import Health
+
+__all__ = ["HttpServer"]
+
+
+class HttpServer:
+    def __init__(self, section: HttpSection, health: Health, registry: CollectorRegistry) -> None:
+        self._section = section
+        self._health = health
+        self._registry = registry
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._section.host, self._section.port)
+        await site.start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        status = 200 if self._health.healthy else 503
+        return web.json_response(self._health.report(), status=status)
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        status = 200 if self._health.ready else 503
+        return web.json_response(self._health.report(), status=status)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,174 @@
+"""Settings: file + secret files + environment, precedence, and errors that point at the cause."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingestd.cli import main
+from ingestd.config import load_settings, mask_url, render_settings
+from ingestd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config" / "ingestd.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("INGESTD_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_example_loads_and_check_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.influx.api == "v2"
+    assert settings.http.listen == "127.0.0.1:9108"
+    assert main(["check", "--config", str(EXAMPLE)]) == 0
+    assert "configuration is valid" in capsys.readouterr().err
+
+
+def test_environment_beats_secret_file_beats_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path / "ingestd.yaml",
+        "influx:\n  token: from-file\n  org: file-org\n  bucket: file-bucket\n"
+        "mqtt:\n  url: mqtt://127.0.0.1:1883\n",
+    )
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    write(secrets / "influx__token", "from-secret\n")
+    write(secrets / "influx__org", "secret-org")
+
+    settings = load_settings(config, secrets)
+    assert settings.influx.token is not None
+    assert settings.influx.token.get_secret_value() == "from-secret"  # trailing newline stripped
+    assert settings.influx.org == "secret-org"
+    assert settings.influx.bucket == "file-bucket"
+
+    monkeypatch.setenv("INGESTD_INFLUX__TOKEN", "from-env")
+    monkeypatch.setenv("INGESTD_MQTT__URL", "mqtts://user:pw@broker.farm:8883")
+    monkeypatch.setenv("INGESTD_HTTP__LISTEN", "0.0.0.0:9200")
+    settings = load_settings(config, secrets)
+    assert settings.influx.token is not None
+    assert settings.influx.token.get_secret_value() == "from-env"
+    assert settings.influx.org == "secret-org"
+    assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.tls) == ("broker.farm", 8883, True)
+    assert settings.mqtt.credentials() == ("user", "pw")
+    assert settings.http.port == 9200
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load_settings(None)
+    assert settings.spool.commit_interval == pytest.approx(0.005)
+    assert settings.mqtt.protocol == "5"
+
+
+def test_durations_and_sizes_are_readable(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "c.yaml",
+        "spool:\n  max_bytes: 512MiB\n  commit_interval: 20ms\nmqtt:\n  session_expiry: 2h\n"
+        "  protocol: 5\n",
+    )
+    settings = load_settings(config)
+    assert settings.spool.max_bytes == 512 * 1024 * 1024
+    assert settings.spool.commit_interval == pytest.approx(0.02)
+    assert settings.mqtt.session_expiry == 7200
+    assert settings.mqtt.protocol == "5"
+
+
+def test_every_problem_names_file_line_key_value_and_what_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(
+        tmp_path / "bad.yaml",
+        "mqtt:\n"
+        "  url: http://broker\n"
+        "influx:\n"
+        "  batch_size: 0\n"
+        "  bucket_name: farm\n"
+        "spool:\n"
+        "  commit_interval: soon\n",
+    )
+    monkeypatch.setenv("INGESTD_LOGGING__LEVEL", "loud")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration (5 problems)" in err
+    assert f"{config}:2: mqtt.url = 'http://broker': expected a URL like mqtt://HOST[:PORT]" in err
+    assert f"{config}:4: influx.batch_size = 0: Input should be greater than or equal to 1" in err
+    assert f"{config}:5: influx.bucket_name: unknown key; accepted keys: url, api, token" in err
+    assert f"{config}:7: spool.commit_interval = 'soon': expected a duration such as 500ms" in err
+    assert (
+        "environment variable INGESTD_LOGGING__LEVEL: logging.level = 'loud': "
+        "Input should be 'debug', 'info', 'warning' or 'error'" in err
+    )
+
+
+def test_a_bad_secret_is_reported_without_its_value(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    write(secrets / "mqtt__password", "hunter2")
+    write(secrets / "mqtt__receive_maximum", "0")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, secrets)
+    message = str(caught.value)
+    assert f"secret file {secrets / 'mqtt__receive_maximum'}: mqtt.receive_maximum = '0'" in message
+    assert "hunter2" not in message
+
+
+def test_typos_in_variable_and_secret_file_names_are_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INGESTD_MQQT__URL", "mqtt://x")
+    with pytest.raises(ConfigError, match="INGESTD_MQQT__URL: not a setting"):
+        load_settings(None)
+    monkeypatch.delenv("INGESTD_MQQT__URL")
+    monkeypatch.setenv("INGESTD_MQTT__URLL", "mqtt://x")
+    with pytest.raises(ConfigError, match=r"INGESTD_MQTT__URLL: mqtt.urll: unknown key"):
+        load_settings(None)
+    monkeypatch.delenv("INGESTD_MQTT__URLL")
+    secrets = tmp_path / "s"
+    secrets.mkdir()
+    write(secrets / "influx__tokn", "x")
+    with pytest.raises(ConfigError, match="influx__tokn: not a setting"):
+        load_settings(None, secrets)
+
+
+def test_yaml_syntax_and_missing_file_errors(tmp_path: Path) -> None:
+    broken = write(tmp_path / "broken.yaml", "mqtt:\n  url: [\n")
+    with pytest.raises(ConfigError, match=rf"{broken}:3:1: not valid YAML"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings(tmp_path / "missing.yaml")
+    listing = write(tmp_path / "list.yaml", "- mqtt\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_settings(listing)
+
+
+def test_show_masks_every_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "**********" not in render_settings(load_settings(None))  # nothing set, nothing masked
+    monkeypatch.setenv("INGESTD_MQTT__URL", "mqtt://bob:hunter2@127.0.0.1:1883")
+    monkeypatch.setenv("INGESTD_INFLUX__TOKEN", "s3cr3t-token")
+    monkeypatch.setenv("INGESTD_POSTGRES__URL", "postgresql://farm:pgpass@db:5432/farm")
+    assert main(["check", "--config", str(EXAMPLE), "--show"]) == 0
+    out = capsys.readouterr().out
+    for secret in ("hunter2", "s3cr3t-token", "pgpass"):
+        assert secret not in out
+    assert "mqtt://bob:***@127.0.0.1:1883" in out
+    assert "token: '**********'" in out
+
+
+def test_mask_url_keeps_everything_but_the_password() -> None:
+    assert mask_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert mask_url("http://127.0.0.1:8428") == "http://127.0.0.1:8428"
