@@ -1,0 +1,445 @@
+"""The spool: a durable local write-ahead log between the broker and the TSDB.
+
+Readings are appended as line protocol, grouped into one checksummed record per commit,
+written and fsynced by one thread (group commit: one fsync for everything that arrived
+while the previous commit ran). Only then are the messages acknowledged to the broker.
+The drainer reads records in order and releases them once the TSDB has accepted them.
+
+On disk: numbered segment files (``0000000000000001.seg``) of records, and ``cursor``,
+the position of the first record not yet released. A record is::
+
+    header  magic "IS", version, kind, payload length, trailer length, CRC-32 of
+            payload + trailer, line count, commit time (ns)
+    payload the lines, joined by "\\n"
+    trailer per message: (message key, receipt time) - so a message the broker
+            redelivers after a crash or reconnect gets its first receipt time back
+
+After kill -9 a torn tail (a record whose write did not finish, never acknowledged) is
+truncated and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingestd.config import SpoolSection
+from ingestd.deadletters import DeadLetter, DeadLetters
+from ingestd.health import Health
+from ingestd.logs import get_logger
+from ingestd.metrics import Metrics
+
+__all__ = ["Batch", "Position", "Recovery", "Spool"]
+
+log = get_logger("spool")
+
+_HEADER = struct.Struct("<2sBBIIIIQ")
+_MAGIC = b"IS"
+_VERSION = 1
+_KIND_READINGS = 0
+_RECEIPT = struct.Struct("<Qq")
+_SEGMENT_BYTES = 16 << 20
+# Receipt times remembered for redelivered messages: a few broker in-flight windows.
+_RECEIPTS_KEPT = 65536
+# On restart, messages committed this close to the last commit may not have been acked.
+_UNACKED_WINDOW_NS = 2_000_000_000
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    segment: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Batch:
+    lines: list[bytes]
+    end: Position
+    committed_ns: int
+    """Commit time of the newest record in the batch (for the lag metric)."""
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What opening the spool found."""
+
+    pending_lines: int = 0
+    torn_bytes: int = 0
+    corrupt_segments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    lines: list[bytes] = field(default_factory=list)
+    receipts: list[tuple[int, int]] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    acks: list[Any] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.letters or self.lines)
+
+
+def _segment_name(number: int) -> str:
+    return f"{number:016d}.seg"
+
+
+class Spool:
+    def __init__(
+        self,
+        section: SpoolSection,
+        metrics: Metrics,
+        health: Health,
+        deadletters: DeadLetters,
+        segment_bytes: int | None = None,
+    ) -> None:
+        self._dir = section.dir
+        self._max_bytes = int(section.max_bytes)
+        self._linger = section.commit_interval
+        self._segment_bytes = segment_bytes or max(64 << 10, min(_SEGMENT_BYTES, self._max_bytes // 8))
+        self._metrics = metrics
+        self._health = health
+        self._deadletters = deadletters
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
+        self._pending = _Pending()
+        self._has_pending = asyncio.Event()
+        self._data_ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._released = asyncio.Event()
+        self._receipts: dict[int, int] = {}
+        self._segments: dict[int, int] = {}  # segment number -> size on disk
+        self._write_fd = -1
+        self._write_segment = 0
+        self._committed = Position(1, 0)
+        self._read = Position(1, 0)
+        self._read_fd = -1
+        self._read_fd_segment = 0
+        self._cursor = Position(1, 0)
+        self._unreleased_lines = 0
+        self._read_ahead_lines = 0
+        self._full = False
+        self._closed = False
+
+    # --- opening and recovery ---------------------------------------------------------
+
+    def open(self) -> Recovery:
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        recovery = Recovery()
+        numbers = sorted(int(p.stem) for p in self._dir.glob("*.seg") if p.stem.isdigit())
+        self._cursor = self._read_cursor(numbers)
+        for number in numbers:
+            if number < self._cursor.segment:
+                (self._dir / _segment_name(number)).unlink()
+        numbers = [n for n in numbers if n >= self._cursor.segment] or [self._cursor.segment]
+        last_commit_ns = 0
+        receipts: list[tuple[int, int, int]] = []
+        for number in numbers:
+            path = self._dir / _segment_name(number)
+            path.touch(exist_ok=True)
+            start = self._cursor.offset if number == self._cursor.segment else 0
+            end, lines, bad_tail = self._scan(path, start, receipts)
+            recovery.pending_lines += lines
+            size = path.stat().st_size
+            if bad_tail:
+                with path.open("r+b") as handle:
+                    handle.truncate(end)
+                    os.fsync(handle.fileno())
+                if number == numbers[-1]:
+                    recovery.torn_bytes = size - end
+                else:
+                    recovery.corrupt_segments.append(f"{path}: {size - end} bytes after offset {end}")
+                size = end
+            self._segments[number] = size
+            if receipts:
+                last_commit_ns = max(last_commit_ns, receipts[-1][0])
+        # Messages committed just before the end may never have been acknowledged; the
+        # broker will redeliver them, and they must get their first receipt time back.
+        for committed_ns, key, received_ns in receipts:
+            if committed_ns >= last_commit_ns - _UNACKED_WINDOW_NS:
+                self._remember(key, received_ns)
+        self._write_segment = numbers[-1]
+        self._open_writer(self._write_segment)
+        self._committed = Position(self._write_segment, self._segments[self._write_segment])
+        self._read = self._cursor
+        self._unreleased_lines = recovery.pending_lines
+        self._update_gauges()
+        if self._read < self._committed:
+            self._data_ready.set()
+        return recovery
+
+    def _read_cursor(self, numbers: Sequence[int]) -> Position:
+        try:
+            segment, offset = (self._dir / "cursor").read_text().split()
+            return Position(int(segment), int(offset))
+        except FileNotFoundError:
+            return Position(numbers[0] if numbers else 1, 0)
+        except ValueError:
+            log.error("spool cursor unreadable; replaying the whole spool (duplicates overwrite)")
+            return Position(numbers[0] if numbers else 1, 0)
+
+    def _scan(
+        self, path: Path, offset: int, receipts: list[tuple[int, int, int]]
+    ) -> tuple[int, int, bool]:
+        """(end of the last good record, lines in good records, whether bad bytes follow)."""
+        data = path.read_bytes()
+        lines = 0
+        while offset < len(data):
+            parsed = self._parse(data, offset)
+            if parsed is None:
+                return offset, lines, True
+            end, payload_lines, committed_ns, trailer = parsed
+            lines += payload_lines
+            receipts.extend((committed_ns, k, ns) for k, ns in _RECEIPT.iter_unpack(trailer))
+            offset = end
+        return offset, lines, False
+
+    @staticmethod
+    def _parse(data: bytes | memoryview, offset: int) -> tuple[int, int, int, bytes] | None:
+        if len(data) - offset < _HEADER.size:
+            return None
+        magic, version, _kind, plen, tlen, crc, nlines, committed_ns = _HEADER.unpack_from(
+            data, offset
+        )
+        start = offset + _HEADER.size
+        end = start + plen + tlen
+        if magic != _MAGIC or version != _VERSION or end > len(data):
+            return None
+        body = bytes(data[start:end])
+        if zlib.crc32(body) != crc:
+            return None
+        return end, nlines, committed_ns, body[plen:]
+
+    def _open_writer(self, number: int) -> None:
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+        path = self._dir / _segment_name(number)
+        self._write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._segments.setdefault(number, os.fstat(self._write_fd).st_size)
+        # The new file's directory entry must be durable before records in it are acked.
+        dir_fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # --- intake (event loop thread) ---------------------------------------------------
+
+    def append(self, lines: Sequence[bytes], ack: Any, key: int, received_ns: int) -> None:
+        """Queue a message's readings for the next commit; ``ack`` is released after it."""
+        pending = self._pending
+        pending.lines.extend(lines)
+        pending.receipts.append((key, received_ns))
+        pending.acks.append(ack)
+        self._has_pending.set()
+
+    def reject(self, letter: DeadLetter, ack: Any) -> None:
+        """Queue a dead letter for the next commit; ``ack`` is released after it."""
+        self._pending.letters.append(letter)
+        self._pending.acks.append(ack)
+        self._has_pending.set()
+
+    def skip(self, ack: Any) -> None:
+        """A message with nothing to keep: acknowledged in order with the next commit."""
+        self._pending.acks.append(ack)
+        self._has_pending.set()
+
+    def receipt_of(self, key: int) -> int | None:
+        """The first receipt time of a message committed but perhaps never acknowledged."""
+        return self._receipts.get(key)
+
+    def acknowledged(self, keys: Sequence[int]) -> None:
+        """The broker got our acks for these: they will not be redelivered."""
+        for key in keys:
+            self._receipts.pop(key, None)
+
+    def _remember(self, key: int, received_ns: int) -> None:
+        receipts = self._receipts
+        receipts[key] = received_ns
+        if len(receipts) > _RECEIPTS_KEPT:
+            del receipts[next(iter(receipts))]
+
+    async def commit_loop(self, on_durable: Callable[[list[Any], list[int]], None]) -> None:
+        """Commit forever; after each commit call ``on_durable(acks, message_keys)``."""
+        while True:
+            await self._has_pending.wait()
+            if self._linger:
+                await asyncio.sleep(self._linger)
+            await self.commit(on_durable)
+
+    async def commit(self, on_durable: Callable[[list[Any], list[int]], None]) -> None:
+        """Make everything queued so far durable, then hand its acks to ``on_durable``."""
+        pending, self._pending = self._pending, _Pending()
+        self._has_pending.clear()
+        if not pending:
+            return
+        size = 0
+        if pending.lines:
+            size = (
+                _HEADER.size + sum(map(len, pending.lines)) + len(pending.lines) - 1
+                + _RECEIPT.size * len(pending.receipts)
+            )
+            await self._wait_for_space(size)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._write, pending)
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        if pending.lines:
+            self._segments[self._write_segment] = self._segments.get(self._write_segment, 0) + size
+            self._committed = Position(self._write_segment, self._segments[self._write_segment])
+            self._unreleased_lines += len(pending.lines)
+            self._metrics.readings.inc(len(pending.lines))
+            for key, received_ns in pending.receipts:
+                self._remember(key, received_ns)
+            self._data_ready.set()
+            if self._segments[self._write_segment] >= self._segment_bytes:
+                await loop.run_in_executor(self._thread, self._rotate)
+        self._update_gauges()
+        on_durable(pending.acks, [key for key, _ in pending.receipts])
+
+    async def _wait_for_space(self, size: int) -> None:
+        while self._bytes() + size > self._max_bytes:
+            if not self._full:
+                self._full = True
+                self._metrics.spool_full.set(1)
+                message = (
+                    f"spool disk budget exhausted ({self._bytes()} of {self._max_bytes} bytes):"
+                    " acknowledgements stopped, the broker is buffering; the TSDB must catch up"
+                    " (check its health) or spool.max_bytes be raised"
+                )
+                self._health.problem("spool", message)
+                log.error("spool full", bytes=self._bytes(), max_bytes=self._max_bytes)
+            self._space.clear()
+            await self._space.wait()
+        if self._full:
+            self._full = False
+            self._metrics.spool_full.set(0)
+            self._health.ok("spool")
+            log.warning("spool has room again: acknowledgements resumed", bytes=self._bytes())
+
+    def _write(self, pending: _Pending) -> None:
+        """Runs in the commit thread: dead letters, then the record, then fsync."""
+        if pending.letters:
+            self._deadletters.add(pending.letters)
+        if not pending.lines:
+            return
+        payload = b"\n".join(pending.lines)
+        trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts)
+        body = payload + trailer
+        header = _HEADER.pack(
+            _MAGIC, _VERSION, _KIND_READINGS, len(payload), len(trailer), zlib.crc32(body),
+            len(pending.lines), time.time_ns(),
+        )
+        record = memoryview(header + body)
+        while record:
+            written = os.write(self._write_fd, record)
+            record = record[written:]
+        os.fdatasync(self._write_fd)
+
+    def _rotate(self) -> None:
+        self._write_segment += 1
+        self._open_writer(self._write_segment)
+
+    # --- drain side (event loop thread) -----------------------------------------------
+
+    async def read_batch(self, max_lines: int, linger: float) -> Batch:
+        """The next lines in spool order: waits for data, then up to ``linger`` for more."""
+        while self._read >= self._committed:
+            self._data_ready.clear()
+            await self._data_ready.wait()
+        if linger and self._unreleased_lines - self._read_ahead_lines < max_lines:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full_batch(max_lines), linger)
+        lines: list[bytes] = []
+        committed_ns = 0
+        position = self._read
+        while position < self._committed and len(lines) < max_lines:
+            if position.offset >= self._segments.get(position.segment, 0):
+                position = Position(position.segment + 1, 0)
+                continue
+            data = self._pread(position)
+            parsed = self._parse(data, 0)
+            if parsed is None:  # cannot happen unless the disk changed under us
+                raise RuntimeError(f"spool record unreadable at {position}: disk corruption?")
+            end, nlines, committed_ns, trailer = parsed
+            payload = data[_HEADER.size : end - len(trailer)]
+            lines.extend(bytes(payload).split(b"\n"))
+            position = Position(position.segment, position.offset + end)
+        self._read = position
+        self._read_ahead_lines += len(lines)
+        return Batch(lines, position, committed_ns)
+
+    async def _full_batch(self, max_lines: int) -> None:
+        while self._unreleased_lines - self._read_ahead_lines < max_lines:
+            self._data_ready.clear()
+            await self._data_ready.wait()
+
+    def _pread(self, position: Position) -> bytes:
+        if self._read_fd_segment != position.segment:
+            if self._read_fd >= 0:
+                os.close(self._read_fd)
+            self._read_fd = os.open(self._dir / _segment_name(position.segment), os.O_RDONLY)
+            self._read_fd_segment = position.segment
+        header = os.pread(self._read_fd, _HEADER.size, position.offset)
+        _, _, _, plen, tlen, *_ = _HEADER.unpack(header)
+        return header + os.pread(self._read_fd, plen + tlen, position.offset + _HEADER.size)
+
+    def release(self, batch: Batch) -> None:
+        """The TSDB has everything in ``batch``: forget it, and free whole segments."""
+        self._cursor = batch.end
+        tmp = self._dir / "cursor.tmp"
+        tmp.write_text(f"{batch.end.segment} {batch.end.offset}\n")
+        tmp.replace(self._dir / "cursor")  # a stale cursor only replays: writes are idempotent
+        for number in [n for n in self._segments if n < batch.end.segment]:
+            del self._segments[number]
+            (self._dir / _segment_name(number)).unlink(missing_ok=True)
+        self._unreleased_lines -= len(batch.lines)
+        self._read_ahead_lines -= len(batch.lines)
+        self._update_gauges()
+        self._space.set()
+        self._released.set()
+
+    async def add_deadletters(self, letters: Sequence[DeadLetter]) -> None:
+        """Store dead letters found after the commit (lines the TSDB refused)."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._deadletters.add, letters)
+
+    async def drained(self) -> None:
+        """Return once everything committed has been released."""
+        while self._unreleased_lines > 0:
+            self._released.clear()
+            await self._released.wait()
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _bytes(self) -> int:
+        return sum(self._segments.values())
+
+    @property
+    def pending_lines(self) -> int:
+        """Readings committed but not yet released."""
+        return self._unreleased_lines
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    def _update_gauges(self) -> None:
+        self._metrics.spool_records.set(self._unreleased_lines)
+        self._metrics.spool_bytes.set(self._bytes())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._thread.shutdown(wait=True)
+        for fd in (self._write_fd, self._read_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._write_fd = self._read_fd = -1

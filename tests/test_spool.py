@@ -1,0 +1,242 @@
+"""The spool: group commit, acks after durability, release, recovery after crashes, budget."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingestd.config import SpoolSection
+from ingestd.deadletters import DeadLetter, DeadLetters
+from ingestd.health import Health
+from ingestd.metrics import Metrics
+from ingestd.spool import Spool
+
+
+def make_spool(directory: Path, max_bytes: int = 64 << 20, **kwargs: Any) -> Spool:
+    directory.mkdir(parents=True, exist_ok=True)
+    section = SpoolSection(dir=directory, max_bytes=max_bytes, commit_interval=0)
+    return Spool(section, Metrics(), Health(), DeadLetters(directory, 1000), **kwargs)
+
+
+def lines_for(n: int, start: int = 0) -> list[bytes]:
+    return [f"m,device=d{i % 7} seq={i}.0 {1_700_000_000_000_000_000 + i}".encode()
+            for i in range(start, start + n)]
+
+
+async def drain_all(spool: Spool, max_lines: int = 1000) -> list[bytes]:
+    out: list[bytes] = []
+    while spool.pending_lines:
+        batch = await spool.read_batch(max_lines, linger=0)
+        out.extend(batch.lines)
+        spool.release(batch)
+    return out
+
+
+def test_acks_follow_the_commit_in_receive_order_and_lines_come_back_in_order(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        acked: list[Any] = []
+        lines = lines_for(300)
+        for i, line in enumerate(lines):
+            spool.append([line], ("ack", i), key=i, received_ns=i)
+            if i == 150:
+                spool.reject(DeadLetter(1, "t", "malformed", "x", 3, b"abc"), ("ack", "bad"))
+        assert acked == []  # nothing is acknowledged before it is durable
+        await spool.commit(lambda acks, keys: acked.extend(acks))
+        assert acked[:151] == [("ack", i) for i in range(151)]
+        assert acked[151] == ("ack", "bad")
+        assert acked[152:] == [("ack", i) for i in range(151, 300)]
+        assert await drain_all(spool, max_lines=64) == lines
+        assert spool.pending_lines == 0
+        spool.close()
+
+    asyncio.run(scenario())
+    store = DeadLetters(tmp_path, 1000)
+    assert [d.reason for d in store.list()] == ["malformed"]
+
+
+def test_unreleased_readings_survive_a_restart_and_released_ones_do_not_return(
+    tmp_path: Path,
+) -> None:
+    async def first() -> None:
+        spool = make_spool(tmp_path, segment_bytes=4096)  # several segments
+        spool.open()
+        for chunk in range(10):
+            for line in lines_for(50, chunk * 50):
+                spool.append([line], None, key=0, received_ns=0)
+            await spool.commit(lambda acks, keys: None)
+        batch = await spool.read_batch(200, linger=0)
+        assert len(batch.lines) == 200
+        spool.release(batch)
+        spool.close()
+
+    async def second() -> list[bytes]:
+        spool = make_spool(tmp_path, segment_bytes=4096)
+        recovery = spool.open()
+        assert recovery.pending_lines == 300
+        assert recovery.torn_bytes == 0
+        lines = await drain_all(spool)
+        spool.close()
+        return lines
+
+    asyncio.run(first())
+    assert len(list(tmp_path.glob("*.seg"))) > 1
+    assert asyncio.run(second()) == lines_for(300, 200)
+    # every fully released segment is gone; only the one being written remains
+    assert len(list(tmp_path.glob("*.seg"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["partial record", "garbage", "flipped bit"])
+def test_a_torn_tail_is_truncated_and_reported(tmp_path: Path, damage: str) -> None:
+    async def write() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        for n in (100, 100):
+            for line in lines_for(n):
+                spool.append([line], None, 0, 0)
+            await spool.commit(lambda acks, keys: None)
+        spool.close()
+
+    asyncio.run(write())
+    segment = next(tmp_path.glob("*.seg"))
+    data = segment.read_bytes()
+    half = len(data) // 2  # the second record starts at exactly half (same content)
+    if damage == "partial record":
+        segment.write_bytes(data[: half + 40])
+    elif damage == "garbage":
+        segment.write_bytes(data[:half] + os.urandom(300))
+    else:
+        corrupted = bytearray(data)
+        corrupted[-10] ^= 0x01
+        segment.write_bytes(bytes(corrupted))
+
+    damaged_size = segment.stat().st_size
+
+    async def reopen() -> tuple[int, list[bytes]]:
+        spool = make_spool(tmp_path)
+        recovery = spool.open()
+        lines = await drain_all(spool)
+        spool.close()
+        return recovery.torn_bytes, lines
+
+    torn, lines = asyncio.run(reopen())
+    assert torn == damaged_size - half
+    assert lines == lines_for(100)  # the first, intact commit is all there
+    assert segment.stat().st_size == half
+
+
+def test_receipt_times_of_possibly_unacked_messages_survive_a_restart(tmp_path: Path) -> None:
+    async def write() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        spool.append(lines_for(1), None, key=42, received_ns=123456789)
+        await spool.commit(lambda acks, keys: None)
+        assert spool.receipt_of(42) == 123456789
+        spool.close()
+
+    async def reopen() -> int | None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        found = spool.receipt_of(42)
+        spool.acknowledged([42])
+        assert spool.receipt_of(42) is None
+        spool.close()
+        return found
+
+    asyncio.run(write())
+    assert asyncio.run(reopen()) == 123456789
+
+
+def test_a_full_budget_stops_acks_until_the_drainer_releases(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = make_spool(tmp_path, max_bytes=1 << 20)
+        spool.open()
+        acked: list[Any] = []
+        big = [b"m,device=d f=" + b"1" * 900 + b" %d" % i for i in range(100)]  # ~90 KB a commit
+        blocked = None
+        for round_ in range(30):
+            for line in big:
+                spool.append([line], round_, 0, 0)
+            commit = asyncio.create_task(spool.commit(lambda acks, keys: acked.extend(acks)))
+            await asyncio.sleep(0.05)
+            if not commit.done():
+                blocked = (round_, commit)
+                break
+        assert blocked is not None, "the budget never filled"
+        round_, commit = blocked
+        assert spool.full
+        assert not spool._health.healthy  # noqa: SLF001
+        assert round_ not in acked  # the round that did not fit is not acknowledged
+        # the drainer catches up: the waiting commit goes through by itself
+        batch = await spool.read_batch(10_000, linger=0)
+        spool.release(batch)
+        await asyncio.wait_for(commit, 5)
+        assert not spool.full
+        assert acked.count(round_) == len(big)
+        assert await drain_all(spool) == big  # nothing corrupted: the last round reads back
+        spool.close()
+
+    asyncio.run(scenario())
+
+
+CRASHER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_spool import make_spool, lines_for
+
+    async def main():
+        spool = make_spool(Path({directory!r}))
+        spool.open()
+        seq = 0
+        while True:
+            for line in lines_for(50, seq):
+                spool.append([line], None, 0, 0)
+            seq += 50
+            await spool.commit(lambda acks, keys: None)
+            print(seq, flush=True)  # "acknowledged": everything below seq is durable
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    script = CRASHER.format(tests=str(Path(__file__).parent), directory=str(tmp_path / "spool"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.stdout is not None
+    acknowledged = 0
+    deadline = time.monotonic() + 30
+    while acknowledged < 20_000 and time.monotonic() < deadline:
+        acknowledged = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert acknowledged >= 20_000
+
+    async def reopen() -> list[bytes]:
+        spool = make_spool(tmp_path / "spool")
+        spool.open()
+        lines = await drain_all(spool, max_lines=5000)
+        spool.close()
+        return lines
+
+    lines = asyncio.run(reopen())
+    assert lines[:acknowledged] == lines_for(acknowledged)
+    assert len(lines) % 50 == 0 and lines == lines_for(len(lines))  # whole commits only
