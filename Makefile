@@ -45,8 +45,7 @@ lint: setup
 	$(BIN)/mypy
 
 run: setup
-	$(BIN)/python -m ingestd check --config config/ingestd.yaml
-	$(BIN)/ingestd run --config config/ingestd.yaml
+	deploy/run-local.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ingestd import __version__
@@ -48,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--show", action="store_true", help="print the effective settings, secrets masked"
     )
+    letters = commands.add_parser(
+        "deadletters", parents=[common], help="list refused messages, newest first"
+    )
+    letters.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    letters.add_argument("--reason", help="only this reason (e.g. malformed, too_large)")
+    simulate = commands.add_parser(
+        "simulate", help="publish simulated hydroponic sensor readings (a load generator)"
+    )
+    simulate.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the broker")
+    simulate.add_argument("--devices", type=int, default=10)
+    simulate.add_argument("--sites", type=int, default=2)
+    simulate.add_argument("--prefix", default="farm", help="first topic level (default farm)")
+    simulate.add_argument("--rate", type=float, default=5.0, help="messages per second, in all")
+    simulate.add_argument("--count", type=int, help="stop after this many messages")
+    simulate.add_argument("--duration", type=float, help="stop after this many seconds")
+    simulate.add_argument("--qos", type=int, choices=(0, 1), default=1)
     return parser
 
 
@@ -61,7 +78,10 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ingestd.decode import Decoder  # noqa: PLC0415
+
     settings = _load(args)
+    Decoder(settings.mqtt.subscriptions, settings.guard)  # a subscription that cannot work
     if args.show:
         sys.stdout.write(render_settings(settings))
     print(f"ingestd: {args.config}: configuration is valid", file=sys.stderr)
@@ -77,9 +97,53 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(Daemon(settings).serve())
 
 
+def _deadletters(args: argparse.Namespace) -> int:
+    from ingestd.deadletters import DeadLetters  # noqa: PLC0415
+
+    settings = _load(args)
+    if not (settings.spool.dir / DeadLetters.FILENAME).exists():
+        print(f"ingestd: no dead letters in {settings.spool.dir}", file=sys.stderr)
+        return EXIT_OK
+    store = DeadLetters(settings.spool.dir, settings.guard.deadletters_max)
+    try:
+        counts = store.counts()
+        print("by reason: " + (", ".join(f"{r}={n}" for r, n in sorted(counts.items())) or "none"))
+        for letter in store.list(args.limit, args.reason):
+            when = datetime.fromtimestamp(letter.received_ns / 1e9, UTC).isoformat(
+                timespec="milliseconds"
+            )
+            sample = letter.sample.decode("utf-8", "backslashreplace")
+            more = (
+                f" (+{letter.size - len(letter.sample)} bytes)"
+                if letter.size > len(letter.sample)
+                else ""
+            )
+            print(
+                f"{when}  {letter.reason:<22} {letter.topic}\n    {letter.detail}\n"
+                f"    payload: {sample!r}{more}"
+            )
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ingestd.simulate import Fleet  # noqa: PLC0415
+
+    fleet = Fleet(args.url, args.devices, args.sites, args.prefix, args.qos)
+    sent = fleet.run(args.rate, args.count, args.duration)
+    print(f"ingestd simulate: published {sent} readings", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "check": _check}
+    handlers = {
+        "run": _run,
+        "check": _check,
+        "deadletters": _deadletters,
+        "simulate": _simulate,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -68,7 +68,9 @@ def _parse_duration(value: Any) -> Any:
         match = _DURATION_RE.match(value)
         if match:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError("expected a duration such as 500ms, 10s, 5m, 2h or 1d (a bare number is seconds)")
+    raise ValueError(
+        "expected a duration such as 500ms, 10s, 5m, 2h or 1d (a bare number is seconds)"
+    )
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
@@ -162,7 +164,9 @@ class Subscription(Section):
         """The MQTT topic filter this subscription subscribes to."""
         if self.topic:
             return self.topic
-        return "/".join("+" if _TEMPLATE_VAR.match(lvl) else lvl for lvl in self.template.split("/"))
+        return "/".join(
+            "+" if _TEMPLATE_VAR.match(lvl) else lvl for lvl in self.template.split("/")
+        )
 
 
 class MqttSection(Section):
@@ -240,7 +244,7 @@ class InfluxSection(Section):
     username: str | None = None
     password: SecretStr | None = None
     batch_size: int = Field(default=5000, ge=1, le=1_000_000)
-    flush_interval: Duration = 1.0
+    flush_interval: Duration = 0.2
     timeout: Duration = 10.0
     gzip: bool = True
     backoff_max: Duration = 30.0
@@ -265,7 +269,9 @@ class PostgresSection(Section):
     @model_validator(mode="after")
     def _pool(self) -> PostgresSection:
         if self.pool_min > self.pool_max:
-            raise ValueError(f"pool_min ({self.pool_min}) must not exceed pool_max ({self.pool_max})")
+            raise ValueError(
+                f"pool_min ({self.pool_min}) must not exceed pool_max ({self.pool_max})"
+            )
         return self
 
 
@@ -296,6 +302,15 @@ class SpoolSection(Section):
     dir: Path = Path("/var/lib/ingestd/spool")
     max_bytes: ByteSize = ByteSize(1 << 30)
     commit_interval: Duration = 0.005
+    shutdown_grace: Duration = 10.0
+    """On SIGTERM, deliver to the TSDB for at most this long; the rest waits for next start."""
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _budget(cls, value: ByteSize) -> ByteSize:
+        if value < 1 << 20:
+            raise ValueError("the spool needs a budget of at least 1MiB")
+        return value
 
 
 class HttpSection(Section):
@@ -321,6 +336,8 @@ class HttpSection(Section):
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    stats_interval: Duration = 60.0
+    """How often a summary line (received, written, rejected, spool) is logged; 0: never."""
 
     @field_validator("level", mode="before")
     @classmethod
@@ -411,7 +428,9 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], 
     finally:
         loader.dispose()
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: the config file must be a mapping of sections (mqtt:, influx:, ...)")
+        raise ConfigError(
+            f"{path}: the config file must be a mapping of sections (mqtt:, influx:, ...)"
+        )
     return doc, lines
 
 
@@ -449,7 +468,12 @@ def _read_secrets(directory: Path, origins: _Origins) -> dict[str, Any]:
             continue
         section, sep, key = entry.name.lower().partition("__")
         section_type = sections[section].annotation if section in sections else None
-        if not sep or not isinstance(section_type, type) or key not in section_type.model_fields:
+        known = (
+            isinstance(section_type, type)
+            and issubclass(section_type, BaseModel)
+            and key in section_type.model_fields
+        )
+        if not sep or not known:
             problems.append(
                 f"secret file {entry}: not a setting; name secret files <section>__<key>, "
                 "e.g. influx__token or mqtt__password"

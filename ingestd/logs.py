@@ -16,8 +16,12 @@ from ingestd.config import LoggingSection
 
 __all__ = ["configure_logging", "get_logger"]
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure_logging(section: LoggingSection, stream: TextIO | None = None) -> None:
@@ -47,4 +51,5 @@ def configure_logging(section: LoggingSection, stream: TextIO | None = None) -> 
 
 def get_logger(component: str) -> Any:
     """A logger whose every event names its component."""
-    return structlog.get_logger().bind(component=component)
+    # Lazy: the configuration is read at the first log call, not at import.
+    return structlog.get_logger(component=component)

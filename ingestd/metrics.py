@@ -11,9 +11,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.received = Counter(
-            "ingestd_messages_received", "MQTT messages received", registry=r
-        )
+        self.received = Counter("ingestd_messages_received", "MQTT messages received", registry=r)
         self.accepted = Counter(
             "ingestd_messages_accepted", "Messages that became readings in the spool", registry=r
         )
@@ -23,21 +21,26 @@ class Metrics:
             registry=r,
         )
         self.rejected = Counter(
-            "ingestd_messages_rejected", "Messages kept as dead letters, by reason", ["reason"],
+            "ingestd_messages_rejected",
+            "Messages kept as dead letters, by reason",
+            ["reason"],
             registry=r,
         )
-        self.readings = Counter("ingestd_readings_spooled", "Readings written to the spool",
-                                registry=r)
+        self.readings = Counter(
+            "ingestd_readings_spooled", "Readings written to the spool", registry=r
+        )
         self.spool_records = Gauge(
             "ingestd_spool_records", "Readings in the spool not yet written to the TSDB", registry=r
         )
         self.spool_bytes = Gauge("ingestd_spool_bytes", "Bytes of spool on disk", registry=r)
         self.spool_full = Gauge(
-            "ingestd_spool_full", "1 while the spool's disk budget is exhausted (acks stopped)",
+            "ingestd_spool_full",
+            "1 while the spool's disk budget is exhausted (acks stopped)",
             registry=r,
         )
         self.commit_seconds = Histogram(
-            "ingestd_spool_commit_seconds", "Spool group commit duration (write + fsync)",
+            "ingestd_spool_commit_seconds",
+            "Spool group commit duration (write + fsync)",
             registry=r,
         )
         self.batches = Counter("ingestd_batches_written", "Batches the TSDB accepted", registry=r)
@@ -59,5 +62,6 @@ class Metrics:
             registry=r,
         )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)
-        self.connected = Gauge("ingestd_mqtt_connected", "1 while connected to the broker",
-                               registry=r)
+        self.connected = Gauge(
+            "ingestd_mqtt_connected", "1 while connected to the broker", registry=r
+        )

@@ -26,7 +26,7 @@ class Reading:
     time_ns: int
 
 
-class Reject(Exception):  # noqa: N818 - it is a verdict on input, not a failure of ours
+class Reject(Exception):
     """Input that cannot become a reading; ``reason`` is a short stable label for metrics."""
 
     def __init__(self, reason: str, detail: str) -> None:

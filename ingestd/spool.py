@@ -50,8 +50,6 @@ _RECEIPT = struct.Struct("<Qq")
 _SEGMENT_BYTES = 16 << 20
 # Receipt times remembered for redelivered messages: a few broker in-flight windows.
 _RECEIPTS_KEPT = 65536
-# On restart, messages committed this close to the last commit may not have been acked.
-_UNACKED_WINDOW_NS = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -104,7 +102,9 @@ class Spool:
         self._dir = section.dir
         self._max_bytes = int(section.max_bytes)
         self._linger = section.commit_interval
-        self._segment_bytes = segment_bytes or max(64 << 10, min(_SEGMENT_BYTES, self._max_bytes // 8))
+        self._segment_bytes = segment_bytes or max(
+            64 << 10, min(_SEGMENT_BYTES, self._max_bytes // 8)
+        )
         self._metrics = metrics
         self._health = health
         self._deadletters = deadletters
@@ -139,7 +139,6 @@ class Spool:
             if number < self._cursor.segment:
                 (self._dir / _segment_name(number)).unlink()
         numbers = [n for n in numbers if n >= self._cursor.segment] or [self._cursor.segment]
-        last_commit_ns = 0
         receipts: list[tuple[int, int, int]] = []
         for number in numbers:
             path = self._dir / _segment_name(number)
@@ -155,16 +154,15 @@ class Spool:
                 if number == numbers[-1]:
                     recovery.torn_bytes = size - end
                 else:
-                    recovery.corrupt_segments.append(f"{path}: {size - end} bytes after offset {end}")
+                    recovery.corrupt_segments.append(
+                        f"{path}: {size - end} bytes after offset {end}"
+                    )
                 size = end
             self._segments[number] = size
-            if receipts:
-                last_commit_ns = max(last_commit_ns, receipts[-1][0])
-        # Messages committed just before the end may never have been acknowledged; the
-        # broker will redeliver them, and they must get their first receipt time back.
-        for committed_ns, key, received_ns in receipts:
-            if committed_ns >= last_commit_ns - _UNACKED_WINDOW_NS:
-                self._remember(key, received_ns)
+        # The newest messages may never have been acknowledged; the broker will redeliver
+        # them, and they must get their first receipt time back.
+        for _, key, received_ns in receipts[-_RECEIPTS_KEPT:]:
+            self._remember(key, received_ns)
         self._write_segment = numbers[-1]
         self._open_writer(self._write_segment)
         self._committed = Position(self._write_segment, self._segments[self._write_segment])
@@ -255,26 +253,25 @@ class Spool:
         """The first receipt time of a message committed but perhaps never acknowledged."""
         return self._receipts.get(key)
 
-    def acknowledged(self, keys: Sequence[int]) -> None:
-        """The broker got our acks for these: they will not be redelivered."""
-        for key in keys:
-            self._receipts.pop(key, None)
-
     def _remember(self, key: int, received_ns: int) -> None:
+        # Kept after the ack is sent: a broker that restarts may not have stored our ack
+        # and redeliver anyway. The newest receipt per key wins (an identical payload on the
+        # same topic re-sent later maps to the latest copy, which is the one in flight).
         receipts = self._receipts
+        receipts.pop(key, None)
         receipts[key] = received_ns
         if len(receipts) > _RECEIPTS_KEPT:
             del receipts[next(iter(receipts))]
 
-    async def commit_loop(self, on_durable: Callable[[list[Any], list[int]], None]) -> None:
-        """Commit forever; after each commit call ``on_durable(acks, message_keys)``."""
+    async def commit_loop(self, on_durable: Callable[[list[Any]], None]) -> None:
+        """Commit forever; after each commit call ``on_durable(acks)``."""
         while True:
             await self._has_pending.wait()
             if self._linger:
                 await asyncio.sleep(self._linger)
             await self.commit(on_durable)
 
-    async def commit(self, on_durable: Callable[[list[Any], list[int]], None]) -> None:
+    async def commit(self, on_durable: Callable[[list[Any]], None]) -> None:
         """Make everything queued so far durable, then hand its acks to ``on_durable``."""
         pending, self._pending = self._pending, _Pending()
         self._has_pending.clear()
@@ -283,7 +280,10 @@ class Spool:
         size = 0
         if pending.lines:
             size = (
-                _HEADER.size + sum(map(len, pending.lines)) + len(pending.lines) - 1
+                _HEADER.size
+                + sum(map(len, pending.lines))
+                + len(pending.lines)
+                - 1
                 + _RECEIPT.size * len(pending.receipts)
             )
             await self._wait_for_space(size)
@@ -302,10 +302,12 @@ class Spool:
             if self._segments[self._write_segment] >= self._segment_bytes:
                 await loop.run_in_executor(self._thread, self._rotate)
         self._update_gauges()
-        on_durable(pending.acks, [key for key, _ in pending.receipts])
+        on_durable(pending.acks)
 
     async def _wait_for_space(self, size: int) -> None:
-        while self._bytes() + size > self._max_bytes:
+        # An empty spool takes any commit: its size is bounded by the broker's flow
+        # control (Receive Maximum), and refusing it would wait forever.
+        while self._bytes() + size > self._max_bytes and self._unreleased_lines:
             if not self._full:
                 self._full = True
                 self._metrics.spool_full.set(1)
@@ -334,8 +336,14 @@ class Spool:
         trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts)
         body = payload + trailer
         header = _HEADER.pack(
-            _MAGIC, _VERSION, _KIND_READINGS, len(payload), len(trailer), zlib.crc32(body),
-            len(pending.lines), time.time_ns(),
+            _MAGIC,
+            _VERSION,
+            _KIND_READINGS,
+            len(payload),
+            len(trailer),
+            zlib.crc32(body),
+            len(pending.lines),
+            time.time_ns(),
         )
         record = memoryview(header + body)
         while record:
@@ -368,7 +376,7 @@ class Spool:
             parsed = self._parse(data, 0)
             if parsed is None:  # cannot happen unless the disk changed under us
                 raise RuntimeError(f"spool record unreadable at {position}: disk corruption?")
-            end, nlines, committed_ns, trailer = parsed
+            end, _, committed_ns, trailer = parsed
             payload = data[_HEADER.size : end - len(trailer)]
             lines.extend(bytes(payload).split(b"\n"))
             position = Position(position.segment, position.offset + end)
@@ -393,11 +401,14 @@ class Spool:
 
     def release(self, batch: Batch) -> None:
         """The TSDB has everything in ``batch``: forget it, and free whole segments."""
-        self._cursor = batch.end
+        end = batch.end
+        if end.segment < self._write_segment and end.offset >= self._segments.get(end.segment, 0):
+            end = Position(end.segment + 1, 0)  # that segment is done: free it now
+        self._cursor = end
         tmp = self._dir / "cursor.tmp"
-        tmp.write_text(f"{batch.end.segment} {batch.end.offset}\n")
+        tmp.write_text(f"{end.segment} {end.offset}\n")
         tmp.replace(self._dir / "cursor")  # a stale cursor only replays: writes are idempotent
-        for number in [n for n in self._segments if n < batch.end.segment]:
+        for number in [n for n in self._segments if n < end.segment]:
             del self._segments[number]
             (self._dir / _segment_name(number)).unlink(missing_ok=True)
         self._unreleased_lines -= len(batch.lines)
@@ -408,7 +419,9 @@ class Spool:
 
     async def add_deadletters(self, letters: Sequence[DeadLetter]) -> None:
         """Store dead letters found after the commit (lines the TSDB refused)."""
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._deadletters.add, letters)
+        await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._deadletters.add, letters
+        )
 
     async def drained(self) -> None:
         """Return once everything committed has been released."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,6 @@ EXAMPLE = REPO / "config" / "ingestd.yaml"
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("INGESTD_") or name == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(name)
@@ -62,7 +61,11 @@ def test_environment_beats_secret_file_beats_config_file(
     assert settings.influx.token is not None
     assert settings.influx.token.get_secret_value() == "from-env"
     assert settings.influx.org == "secret-org"
-    assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.tls) == ("broker.farm", 8883, True)
+    assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.tls) == (
+        "broker.farm",
+        8883,
+        True,
+    )
     assert settings.mqtt.credentials() == ("user", "pw")
     assert settings.http.port == 9200
 
