@@ -12,8 +12,11 @@ mkdir -p "$VAR/mosquitto" "$VAR/victoria-metrics" "$VAR/spool"
 
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # Newest first: ingestd drains to the TSDB before the TSDB and the broker stop.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT INT TERM
 

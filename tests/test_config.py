@@ -175,3 +175,38 @@ def test_show_masks_every_secret(
 def test_mask_url_keeps_everything_but_the_password() -> None:
     assert mask_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
     assert mask_url("http://127.0.0.1:8428") == "http://127.0.0.1:8428"
+
+
+def test_every_shipped_subscription_decodes_a_real_message() -> None:
+    from ingestd.decode import Decoder  # noqa: PLC0415
+    from ingestd.lineproto import format_reading  # noqa: PLC0415
+
+    settings = load_settings(EXAMPLE)
+    decoder = Decoder(settings.mqtt.subscriptions, settings.guard)
+    now = 1_790_000_000_000_000_000
+    samples = {
+        "farm/greenhouse-1/esp32-7/reservoir": b'{"ph": 6.1, "ec": 1.9, "water": {"temp": 20.5}}',
+        "plain/greenhouse-1/probe-3/ph": b"6.05",
+        "lp/greenhouse-1/gw-2": b"climate,zone=a air_temp=23.5,humidity=61",
+        "tele/tasmota-4/SENSOR": b'{"Time":"2026-09-21T14:00:00","AM2301":{"Temperature":22.1,'
+        b'"Humidity":55.3},"TempUnit":"C"}',
+        "homie/esp-9/reservoir/level": b"73.5",
+    }
+    lines = {
+        topic: [format_reading(r).decode() for r in decoder.decode(topic, payload, now)]
+        for topic, payload in samples.items()
+    }
+    assert lines["farm/greenhouse-1/esp32-7/reservoir"] == [
+        f"reservoir,device=esp32-7,site=greenhouse-1 ph=6.1,ec=1.9,water_temp=20.5 {now}"
+    ]
+    assert lines["plain/greenhouse-1/probe-3/ph"] == [
+        f"reservoir,device=probe-3,site=greenhouse-1 ph=6.05 {now}"
+    ]
+    assert lines["lp/greenhouse-1/gw-2"] == [
+        f"climate,device=gw-2,site=greenhouse-1,zone=a air_temp=23.5,humidity=61.0 {now}"
+    ]
+    # 14:00 in Amsterdam in September (CEST, UTC+2) is 12:00 UTC
+    assert lines["tele/tasmota-4/SENSOR"] == [
+        "tasmota,device=tasmota-4,sensor=AM2301 Temperature=22.1,Humidity=55.3 1789992000000000000"
+    ]
+    assert lines["homie/esp-9/reservoir/level"] == [f"reservoir,device=esp-9 level=73.5 {now}"]
