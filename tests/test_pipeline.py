@@ -343,3 +343,66 @@ def test_sigterm_drains_to_the_tsdb_and_exits_0(
         assert '"readings_left_in_spool": 0' in daemon.log()
     finally:
         daemon.close()
+
+
+def test_line_protocol_batch_with_one_bad_line_lands_the_rest_in_influx1(
+    tmp_path: Path, mosquitto: Mosquitto, influxdb1: InfluxDB1, unique: str
+) -> None:
+    prefix = f"l{unique}"
+    influxdb1.create_database(prefix)
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        prefix,
+        {"url": influxdb1.url, "api": "v1", "database": prefix, "flush_interval": "1s"},
+    )
+    config["mqtt"]["subscriptions"] = [
+        {"template": "{farm}/{site}/{device}", "topic": f"{prefix}/+/+", "codec": "line"}
+    ]
+    daemon = DaemonProcess(tmp_path, config).start()
+    try:
+        # irrigation.valve is a boolean in InfluxDB after the first line; the one line that
+        # sends it as a string is refused by the TSDB itself, inside a batch of 200.
+        base = time.time_ns() - 3600 * 10**9
+        good = [
+            f"irrigation,zone=z{i % 4} valve={'true' if i % 2 else 'false'},flow={i}.5 "
+            f"{base + i * 1000}"
+            for i in range(200)
+        ]
+        bad = f'irrigation,zone=z9 valve="open" {base + 999_999}'
+        payloads = [*good[:100], bad, *good[100:]]
+        publish(
+            mosquitto.url, [(f"{prefix}/s1/gw-{i % 5}", p.encode()) for i, p in enumerate(payloads)]
+        )
+
+        def stored() -> int:
+            result = influxdb1.query(prefix, "SELECT count(flow) FROM irrigation")
+            series = result["results"][0].get("series")
+            return int(series[0]["values"][0][1]) if series else 0
+
+        daemon.wait(lambda: stored() == 200, "done writing the good lines", timeout=60)
+        daemon.wait(
+            lambda: daemon.metric('ingestd_messages_rejected_total{reason="tsdb_refused"}') == 1,
+            "dead-lettering the refused line",
+        )
+        assert daemon.metric("ingestd_points_written_total") == 200
+        assert daemon.terminate() == 0
+        listing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ingestd",
+                "deadletters",
+                "--config",
+                str(daemon.config_path),
+                "--reason",
+                "tsdb_refused",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        ).stdout
+        assert "valve" in listing and "400" in listing
+    finally:
+        daemon.close()
