@@ -42,6 +42,10 @@ __all__ = [
     "InfluxSection",
     "LoggingSection",
     "MqttSection",
+    "QuotaLimits",
+    "QuotaRule",
+    "QuotasSection",
+    "RedisSection",
     "Settings",
     "SpoolSection",
     "Subscription",
@@ -285,8 +289,46 @@ class RedisSection(Section):
         return None if value is None else _check_url(value, ("redis", "rediss", "unix"))
 
 
+class QuotaLimits(Section):
+    """Limits for one device; unset limits do not apply."""
+
+    rate: float | None = Field(default=None, gt=0)
+    """Sustained messages per second."""
+    burst: int | None = Field(default=None, ge=1)
+    """Messages allowed at once above the sustained rate (default: max(1, rate))."""
+    bytes_per_second: float | None = Field(default=None, gt=0)
+    bytes_burst: int | None = Field(default=None, ge=1)
+    """Bytes allowed at once (default: one second's worth, at least 64KiB)."""
+    per_hour: int | None = Field(default=None, ge=1)
+    per_day: int | None = Field(default=None, ge=1)
+
+
+class QuotaRule(QuotaLimits):
+    """Limits for every device whose topics match ``topic``; the first matching rule applies."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    topic: str = Field(min_length=1)
+    """An MQTT filter (``farm/+/+/#``) or a template (``farm/{site}/{device}/+``)."""
+    key: str = "{device}"
+    """The template variable that names the device the quota is counted for."""
+    timezone: str = "UTC"
+    """Where per_hour and per_day windows start (local midnight for per_day)."""
+    overrides: dict[str, QuotaLimits] = {}
+    """Per-device limits replacing this rule's, e.g. a greenhouse controller's higher rate."""
+
+
 class QuotasSection(Section):
     backend: Literal["memory", "redis"] = "memory"
+    """memory: this instance only, fresh after a restart; redis: one quota shared by all
+    instances, kept across restarts (needs redis.url)."""
+    rules: list[QuotaRule] = []
+    notice_topic: str = "ingestd/quota/{device}"
+    """Where a throttled device is told so, at most once per notice_interval."""
+    notice_interval: Duration = 60.0
+    idle_expiry: Duration = 3600.0
+    """Forget a device's state after this long without messages (bounds memory)."""
+    redis_timeout: Duration = 0.05
+    """Longer than this, a Redis check falls back to local limits for that batch."""
 
 
 class RulesSection(Section):
