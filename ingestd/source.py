@@ -45,6 +45,10 @@ OnMessage = Callable[[str, bytes, bool, Ack], None]
 _READS_PER_WAKEUP = 4096
 
 
+class BrokerRefused(ConnectionError):
+    """The broker answered CONNECT with a failure reason code (credentials, ACL, ...)."""
+
+
 class MqttSource:
     def __init__(
         self,
@@ -70,6 +74,7 @@ class MqttSource:
         self._subscribed = asyncio.Event()
         self._closing = False
         self._sub_mids: set[int] = set()
+        self._refusal: str | None = None
 
     @property
     def filters(self) -> list[str]:
@@ -93,6 +98,13 @@ class MqttSource:
             try:
                 await self._connect()
                 await self._wait_connack()
+            except BrokerRefused as exc:
+                # Already logged (with the reason) by _on_connect; keep that as the health.
+                self._drop_socket()
+                self._health.problem("mqtt", f"broker refused the connection: {exc}")
+                log.info(
+                    "will retry the connection", broker=self._where(), retry_in=round(delay, 2)
+                )
             except (OSError, ConnectionError, ssl.SSLError, TimeoutError) as exc:
                 self._drop_socket()
                 self._health.problem("mqtt", f"cannot connect to {self._where()}: {exc}")
@@ -132,6 +144,8 @@ class MqttSource:
             connected.cancel()
             disconnected.cancel()
         if not self._connected.is_set():
+            if self._refusal is not None:
+                raise BrokerRefused(self._refusal)
             raise ConnectionError("no CONNACK from the broker")
 
     def pause(self) -> None:
@@ -185,6 +199,7 @@ class MqttSource:
         assert self._loop is not None
         self._connected.clear()
         self._disconnected.clear()
+        self._refusal = None
         self._client = client = self._new_client()
         self._generation += 1
         properties = None
@@ -221,6 +236,7 @@ class MqttSource:
         _properties: Properties | None,
     ) -> None:
         if reason.is_failure:
+            self._refusal = str(reason)
             self._health.problem("mqtt", f"broker refused the connection: {reason}")
             log.error("broker refused the connection", broker=self._where(), reason=str(reason))
             client.disconnect()
@@ -286,7 +302,7 @@ class MqttSource:
     ) -> None:
         self._metrics.connected.set(0)
         self._subscribed.clear()
-        if not self._closing:
+        if not self._closing and self._refusal is None:
             self._health.problem("mqtt", f"disconnected from {self._where()}: {reason}")
             log.warning("disconnected", broker=self._where(), reason=str(reason))
         self._disconnected.set()

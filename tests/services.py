@@ -340,6 +340,9 @@ class Mosquitto(Service):
             # Time-based autosave: a kill() loses at most ~1 s of state, while saving on
             # every change would make high-volume tests rewrite the whole db per message.
             "autosave_interval 1",
+            # Mosquitto's default (1000) silently drops QoS 1 messages queued for a busy
+            # subscriber; a gateway broker for ingestd must queue far more (issue 8 ships it).
+            "max_queued_messages 1000000",
             "log_dest stdout",
             "log_type error",
             "log_type warning",

@@ -16,8 +16,6 @@ from services import InfluxDB1, Mosquitto, VictoriaMetrics
 
 from ingestd.simulate import Fleet
 
-BROKER_QUEUE = "max_queued_messages 200000\n"
-
 
 def publish_in_background(fleet: Fleet, rate: float, count: int) -> threading.Thread:
     thread = threading.Thread(target=fleet.run, args=(rate, count), daemon=True)
@@ -121,7 +119,7 @@ def test_kill_9_mid_stream_then_restart_every_reading_arrives_once(
     victoria_metrics: VictoriaMetrics,
     unique: str,
 ) -> None:
-    broker = services.mosquitto(extra_config=BROKER_QUEUE)
+    broker = services.mosquitto()
     prefix = f"k{unique}"
     config = daemon_config(tmp_path, broker.url, prefix, {"url": victoria_metrics.url})
     daemon = DaemonProcess(tmp_path, config).start()
@@ -185,7 +183,7 @@ def test_broker_restart_while_publishing_loses_nothing_acknowledged(
     victoria_metrics: VictoriaMetrics,
     unique: str,
 ) -> None:
-    broker = services.mosquitto(extra_config=BROKER_QUEUE)
+    broker = services.mosquitto()
     prefix = f"b{unique}"
     config = daemon_config(tmp_path, broker.url, prefix, {"url": victoria_metrics.url})
     daemon = DaemonProcess(tmp_path, config).start()
@@ -211,9 +209,9 @@ def test_full_spool_stops_acks_and_resumes_by_itself(
     unique: str,
 ) -> None:
     tsdb = services.victoria_metrics()
-    # The broker holds what we do not acknowledge: give it room (Mosquitto's default
-    # max_queued_messages of 1000 would drop the rest - a broker setting, not ours).
-    mosquitto = services.mosquitto(extra_config=BROKER_QUEUE)
+    # The broker holds what we do not acknowledge (the fixture's max_queued_messages is
+    # large; Mosquitto's default of 1000 would drop the rest - a broker setting, not ours).
+    mosquitto = services.mosquitto()
     prefix = f"f{unique}"
     config = daemon_config(
         tmp_path,

@@ -27,6 +27,8 @@ from services import Mosquitto, ServiceError, VictoriaMetrics, find_binary, free
 from ingestd.simulate import Fleet
 
 RECEIVED = "ingestd_messages_received_total"
+# Room for what ingestd has not yet acknowledged: Mosquitto's default of 1000 queued
+# messages per client would drop readings on a busy machine (a broker setting, not ours).
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -159,6 +161,12 @@ def assert_exactly_once(
 
 
 @pytest.fixture
+def broker(services: ServiceFactory) -> Mosquitto:
+    """A private broker (the fixtures' brokers all queue generously)."""
+    return services.mosquitto()
+
+
+@pytest.fixture
 def password_broker() -> Iterator[PasswordMosquitto]:
     broker = start_service(lambda: PasswordMosquitto("farmhand", "s3cret-Pa55"))
     try:
@@ -246,6 +254,13 @@ def test_wrong_password_keeps_ingestd_up_unhealthy_and_saying_why(
         assert daemon.process is not None and daemon.process.poll() is None
         reason = refusals()[-1].get("reason", "")
         assert "not authori" in reason.lower(), refusals()[-1]
+        # ... and nothing in the log contradicts that: the broker did answer.
+        misleading = [
+            e
+            for e in log_events(daemon)
+            if "no CONNACK" in json.dumps(e) or "unreachable" in e.get("event", "")
+        ]
+        assert not misleading, f"the log says the broker did not answer: {misleading[:2]}"
         # Every look at /healthz between attempts tells the operator the same thing.
         details = []
         for _ in range(10):
@@ -347,16 +362,16 @@ def test_tls_with_a_private_ca(
 
 
 def test_mqtt_3_1_1_readings_arrive_exactly_once(
-    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+    tmp_path: Path, broker: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
 ) -> None:
     prefix = f"v{unique}"
     config = daemon_config(
-        tmp_path, mosquitto.url, prefix, {"url": victoria_metrics.url}, mqtt={"protocol": "3.1.1"}
+        tmp_path, broker.url, prefix, {"url": victoria_metrics.url}, mqtt={"protocol": "3.1.1"}
     )
     daemon = DaemonProcess(tmp_path, config)
     try:
         daemon.start()
-        Fleet(mosquitto.url, devices=10, prefix=prefix).run(rate=3000, count=1000)
+        Fleet(broker.url, devices=10, prefix=prefix).run(rate=3000, count=1000)
         assert_exactly_once(victoria_metrics, prefix, devices=10, per_device=100)
         assert daemon.metric(RECEIVED) == 1000
         assert daemon.metric("ingestd_points_written_total") == 1000
@@ -369,7 +384,7 @@ def test_mqtt_3_1_1_readings_arrive_exactly_once(
 
 
 def test_shared_subscription_splits_the_stream_between_two_instances(
-    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+    tmp_path: Path, broker: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
 ) -> None:
     prefix = f"g{unique}"
     daemons = [
@@ -377,7 +392,7 @@ def test_shared_subscription_splits_the_stream_between_two_instances(
             tmp_path / name,
             daemon_config(
                 tmp_path / name,
-                mosquitto.url,
+                broker.url,
                 prefix,
                 {"url": victoria_metrics.url},
                 mqtt={"share_group": f"ingestd-{unique}"},
@@ -389,7 +404,7 @@ def test_shared_subscription_splits_the_stream_between_two_instances(
     try:
         for daemon in daemons:
             daemon.start()
-        Fleet(mosquitto.url, devices=40, prefix=prefix).run(rate=4000, count=4000)
+        Fleet(broker.url, devices=40, prefix=prefix).run(rate=4000, count=4000)
         assert_exactly_once(victoria_metrics, prefix, devices=40, per_device=100)
         shares = [d.metric(RECEIVED) for d in daemons]
         assert all(share > 0 for share in shares), f"one instance got nothing: {shares}"
@@ -405,14 +420,14 @@ def test_shared_subscription_splits_the_stream_between_two_instances(
 
 
 def test_a_topic_dropped_from_the_config_is_unsubscribed_on_restart(
-    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+    tmp_path: Path, broker: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
 ) -> None:
     prefix_a, prefix_b = f"a{unique}", f"b{unique}"
-    config = daemon_config(tmp_path, mosquitto.url, prefix_a, {"url": victoria_metrics.url})
+    config = daemon_config(tmp_path, broker.url, prefix_a, {"url": victoria_metrics.url})
     first = DaemonProcess(tmp_path, config)
     try:
         first.start()
-        Fleet(mosquitto.url, devices=5, prefix=prefix_a).run(rate=2000, count=50)
+        Fleet(broker.url, devices=5, prefix=prefix_a).run(rate=2000, count=50)
         wait_stored(victoria_metrics, prefix_a, 50)
         assert first.terminate() == 0
     finally:
@@ -428,10 +443,10 @@ def test_a_topic_dropped_from_the_config_is_unsubscribed_on_restart(
     assert second.config["mqtt"]["client_id"] == config["mqtt"]["client_id"]
     try:
         second.start()
-        # A first, then B, from one publisher: had A still been subscribed, its messages
-        # would reach us before B's.
-        Fleet(mosquitto.url, devices=5, prefix=prefix_a).run(rate=2000, count=70)
-        Fleet(mosquitto.url, devices=5, prefix=prefix_b).run(rate=2000, count=60)
+        # All of A is on the broker (acknowledged) before B is published: had A still been
+        # subscribed, its messages would be queued for us ahead of B's.
+        Fleet(broker.url, devices=5, prefix=prefix_a).run(rate=2000, count=70)
+        Fleet(broker.url, devices=5, prefix=prefix_b).run(rate=2000, count=60)
         wait_stored(victoria_metrics, prefix_b, 60)
         second.wait(lambda: second.metric("ingestd_points_written_total") == 60, "written B")
         assert second.metric(RECEIVED) == 60
@@ -452,16 +467,16 @@ def test_a_topic_dropped_from_the_config_is_unsubscribed_on_restart(
 
 
 def test_readings_published_while_ingestd_is_down_arrive_after_restart(
-    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+    tmp_path: Path, broker: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
 ) -> None:
     prefix = f"q{unique}"
-    config = daemon_config(tmp_path, mosquitto.url, prefix, {"url": victoria_metrics.url})
+    config = daemon_config(tmp_path, broker.url, prefix, {"url": victoria_metrics.url})
     daemon = DaemonProcess(tmp_path, config)
     try:
         daemon.start()  # creates the session and its subscription on the broker
         assert daemon.terminate() == 0
         # Fleet returns only once the broker acknowledged all 500: they are queued for us.
-        sent = Fleet(mosquitto.url, devices=10, prefix=prefix).run(rate=3000, count=500)
+        sent = Fleet(broker.url, devices=10, prefix=prefix).run(rate=3000, count=500)
         assert sent == 500
         assert stored_count(victoria_metrics, prefix) == 0
         log_offset = daemon.log_path.stat().st_size
