@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
+
 from ingestd import __version__
 from ingestd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, render_settings
 from ingestd.errors import ConfigError
@@ -54,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     letters.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     letters.add_argument("--reason", help="only this reason (e.g. malformed, too_large)")
+    quotas = commands.add_parser(
+        "quotas", parents=[common], help="the devices a running ingestd throttles now"
+    )
+    quotas.add_argument("--top", type=int, default=20, help="how many (default 20)")
     simulate = commands.add_parser(
         "simulate", help="publish simulated hydroponic sensor readings (a load generator)"
     )
@@ -79,9 +85,12 @@ def _load(args: argparse.Namespace) -> Settings:
 
 def _check(args: argparse.Namespace) -> int:
     from ingestd.decode import Decoder  # noqa: PLC0415
+    from ingestd.quota import QuotaRules  # noqa: PLC0415
 
     settings = _load(args)
     Decoder(settings.mqtt.subscriptions, settings.guard)  # a subscription that cannot work
+    for warning in QuotaRules(settings.quotas).warnings:  # errors raise ConfigError
+        print(f"ingestd: quotas: {warning}", file=sys.stderr)
     if args.show:
         sys.stdout.write(render_settings(settings))
     print(f"ingestd: {args.config}: configuration is valid", file=sys.stderr)
@@ -127,6 +136,29 @@ def _deadletters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quotas(args: argparse.Namespace) -> int:
+    import urllib.request  # noqa: PLC0415
+
+    settings = _load(args)
+    url = f"http://{settings.http.listen}/quotas?top={args.top}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            throttled = orjson.loads(response.read())["throttled"]
+    except OSError as exc:
+        print(f"ingestd: cannot reach the daemon at {url}: {exc}; is it running?", file=sys.stderr)
+        return EXIT_FAILURE
+    if not throttled:
+        print("no device is being throttled")
+        return EXIT_OK
+    print(f"{'device':<32} {'rule':<24} {'limit':<18} {'dropped':>9} {'last drop':>10}")
+    for t in throttled:
+        print(
+            f"{t['device']:<32} {t['rule']:<24} {t['limit']:<18} {t['dropped']:>9}"
+            f" {t['last_drop_s_ago']:>8}s ago"
+        )
+    return EXIT_OK
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from ingestd.simulate import Fleet  # noqa: PLC0415
 
@@ -142,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "check": _check,
         "deadletters": _deadletters,
+        "quotas": _quotas,
         "simulate": _simulate,
     }
     try:

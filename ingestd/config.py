@@ -182,6 +182,10 @@ class MqttSection(Section):
     session_expiry: Duration = 86400.0
     keepalive: Duration = 30.0
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
+    max_unacked: int = Field(default=50_000, ge=100)
+    """Messages received but not yet acknowledged, held in memory; above this ingestd stops
+    reading from the broker until commits catch up (some brokers, e.g. Mosquitto 2.0.11,
+    send more than receive_maximum)."""
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -295,7 +299,7 @@ class QuotaLimits(Section):
     rate: float | None = Field(default=None, gt=0)
     """Sustained messages per second."""
     burst: int | None = Field(default=None, ge=1)
-    """Messages allowed at once above the sustained rate (default: max(1, rate))."""
+    """Messages allowed at once above the sustained rate (default: max(1, floor(rate)))."""
     bytes_per_second: float | None = Field(default=None, gt=0)
     bytes_burst: int | None = Field(default=None, ge=1)
     """Bytes allowed at once (default: one second's worth, at least 64KiB)."""
@@ -308,13 +312,15 @@ class QuotaRule(QuotaLimits):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     topic: str = Field(min_length=1)
-    """An MQTT filter (``farm/+/+/#``) or a template (``farm/{site}/{device}/+``)."""
-    key: str = "{device}"
+    """An MQTT filter with the device's level named (``farm/+/{device}/#``) or a template
+    (``farm/{site}/{device}/+``)."""
+    key: str = Field(default="{device}", pattern=r"^\{[a-z_][a-z0-9_]*\}$")
     """The template variable that names the device the quota is counted for."""
     timezone: str = "UTC"
     """Where per_hour and per_day windows start (local midnight for per_day)."""
     overrides: dict[str, QuotaLimits] = {}
-    """Per-device limits replacing this rule's, e.g. a greenhouse controller's higher rate."""
+    """Per-device limits replacing all of this rule's (unset ones do not apply), e.g. a
+    greenhouse controller's higher rate."""
 
 
 class QuotasSection(Section):
@@ -326,9 +332,12 @@ class QuotasSection(Section):
     """Where a throttled device is told so, at most once per notice_interval."""
     notice_interval: Duration = 60.0
     idle_expiry: Duration = 3600.0
-    """Forget a device's state after this long without messages (bounds memory)."""
+    """Forget a device's state after this long without messages, once forgetting changes
+    nothing (a used-up daily quota is kept until the day ends): bounds memory."""
     redis_timeout: Duration = 0.05
     """Longer than this, a Redis check falls back to local limits for that batch."""
+    redis_retry: Duration = 1.0
+    """After a Redis failure, use local limits this long before trying Redis again."""
 
 
 class RulesSection(Section):
@@ -408,6 +417,12 @@ class Settings(BaseSettings):
     spool: SpoolSection = SpoolSection()
     http: HttpSection = HttpSection()
     logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _needs(self) -> Settings:
+        if self.quotas.backend == "redis" and not self.redis.url:
+            raise ValueError("quotas.backend redis needs redis.url (e.g. redis://127.0.0.1:6379/0)")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,10 +1,14 @@
 """The daemon's lifecycle: start the stages, run until SIGTERM, shut down in order.
 
-    MQTT source --(topic, payload)--> intake: decode + guard --> spool (group commit)
-        ^                                                            |
-        +---------------- acks, after the commit that holds them ----+
-                                                                     v
-                                       drainer: batches --> TSDB sink --> release
+    MQTT source --(topic, payload)--> intake: decode + guard --> quota --> spool (group commit)
+        ^                                                                      |
+        +-------------------- acks, after the commit that holds them ---------+
+                                                                               v
+                                                 drainer: batches --> TSDB sink --> release
+
+Every message ends as exactly one spool entry (readings, a dead letter, or nothing to keep:
+an ignored or throttled message), queued in receive order, so acks go out in that order.
+With the Redis quota backend, entries wait in a small gate for the batch's verdicts.
 
 Shutdown (SIGTERM): stop reading from the broker, commit and acknowledge what arrived,
 disconnect (the broker keeps queueing for our session), drain to the TSDB for at most
@@ -32,10 +36,13 @@ from ingestd.model import Reject
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
+from ingestd.throttle import QuotaItem, Throttle
 
 __all__ = ["Daemon"]
 
 log = get_logger("daemon")
+
+_APPEND, _REJECT, _SKIP = 0, 1, 2
 
 
 class Daemon:
@@ -47,6 +54,9 @@ class Daemon:
         self._sink = sink
         self._last_ns = 0
         self._sample_bytes = settings.guard.sample_bytes
+        self._max_unacked = settings.mqtt.max_unacked
+        self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None]] = []
+        self._gate_ready = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,7 +95,10 @@ class Daemon:
         self.source = MqttSource(
             settings.mqtt, self._intake, self.metrics, self.health, settings.spool.dir
         )
-        http = HttpServer(settings.http, self.health, self.metrics.registry)
+        self.throttle = Throttle(
+            settings.quotas, settings.redis, self.metrics, self.health, self.source.publish
+        )
+        http = HttpServer(settings.http, self.health, self.metrics.registry, self.throttle)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await http.start()
@@ -93,7 +106,10 @@ class Daemon:
             tasks = [
                 asyncio.create_task(self.source.run(), name="source"),
                 asyncio.create_task(self.spool.commit_loop(self._durable), name="commit"),
+                asyncio.create_task(self._sweep(), name="sweep"),
             ]
+            if self.throttle.batched:
+                tasks.append(asyncio.create_task(self._gate_loop(), name="quota-gate"))
             drainer = asyncio.create_task(self._drain(sink), name="drain")
             helpers = [asyncio.create_task(self._ready()), asyncio.create_task(self._stats())]
             stop = asyncio.create_task(self._stop.wait())
@@ -114,6 +130,7 @@ class Daemon:
                 task.cancel()
             await http.close()
             await sink.close()
+            await self.throttle.close()
             self.spool.close()
             self.deadletters.close()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +149,7 @@ class Daemon:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._pass_gate()
         await self.spool.commit(self._durable)
         await self.source.close()
         grace = self.settings.spool.shutdown_grace
@@ -202,17 +220,65 @@ class Daemon:
                 len(payload),
                 payload[: self._sample_bytes],
             )
-            self.spool.reject(letter, ack)
-            return
-        if not lines:
+            self._admit(_REJECT, (letter, ack), None)
+        elif not lines:
             metrics.ignored.inc()
-            self.spool.skip(ack)
-            return
-        metrics.accepted.inc()
-        self.spool.append(lines, ack, key, received)
+            self._admit(_SKIP, (ack,), None)
+        else:
+            self._admit(
+                _APPEND, (lines, ack, key, received), self.throttle.match(topic, len(payload))
+            )
+        if self.spool.unacked + len(self._gate) > self._max_unacked:
+            self.source.pause()  # the broker holds the rest; resumed after the next commit
+
+    def _admit(self, op: int, args: tuple[Any, ...], quota: QuotaItem | None) -> None:
+        if self.throttle.batched:
+            self._gate.append((op, args, quota))
+            self._gate_ready.set()
+        elif quota is not None and not self.throttle.allow(quota):
+            self._throttled(args)
+        else:
+            self._to_spool(op, args)
+
+    def _to_spool(self, op: int, args: tuple[Any, ...]) -> None:
+        if op == _APPEND:
+            self.metrics.accepted.inc()
+            self.spool.append(*args)
+        elif op == _REJECT:
+            self.spool.reject(*args)
+        else:
+            self.spool.skip(*args)
+
+    def _throttled(self, args: tuple[Any, ...]) -> None:
+        self.spool.skip(args[1])  # valid, so not a dead letter; acknowledged in order
+
+    async def _gate_loop(self) -> None:
+        while True:
+            await self._gate_ready.wait()
+            await self._pass_gate()
+
+    async def _pass_gate(self) -> None:
+        """Decide everything waiting in one Redis round trip, then spool it in order."""
+        self._gate_ready.clear()
+        batch, self._gate = self._gate, []
+        items = [quota for _, _, quota in batch if quota is not None]
+        verdicts = iter(await self.throttle.allow_batch(items) if items else ())
+        for op, args, quota in batch:
+            if quota is not None and not next(verdicts):
+                self._throttled(args)
+            else:
+                self._to_spool(op, args)
 
     def _durable(self, acks: list[Ack]) -> None:
         self.source.ack(acks)
+        if self.spool.unacked + len(self._gate) < self._max_unacked // 2:
+            self.source.resume()
+
+    async def _sweep(self) -> None:
+        """Expire idle quota state."""
+        while True:
+            await asyncio.sleep(5)
+            self.throttle.sweep()
 
     async def _drain(self, sink: Sink) -> None:
         influx = self.settings.influx

@@ -1,4 +1,4 @@
-"""The daemon's HTTP endpoint: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``."""
+"""The daemon's HTTP endpoint: ``/healthz``, ``/readyz``, Prometheus ``/metrics``, ``/quotas``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ingestd.config import HttpSection
 from ingestd.health import Health
+from ingestd.throttle import Throttle
 
 __all__ = ["HttpServer"]
 
 
 class HttpServer:
-    def __init__(self, section: HttpSection, health: Health, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        section: HttpSection,
+        health: Health,
+        registry: CollectorRegistry,
+        throttle: Throttle | None = None,
+    ) -> None:
         self._section = section
+        self._throttle = throttle
         self._health = health
         self._registry = registry
         self._runner: web.AppRunner | None = None
@@ -23,6 +31,7 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/quotas", self._quotas)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._section.host, self._section.port)
@@ -40,6 +49,11 @@ class HttpServer:
     async def _readyz(self, _: web.Request) -> web.Response:
         status = 200 if self._health.ready else 503
         return web.json_response(self._health.report(), status=status)
+
+    async def _quotas(self, request: web.Request) -> web.Response:
+        count = int(request.query.get("top", "20"))
+        top = self._throttle.top(count) if self._throttle else []
+        return web.json_response({"throttled": top})
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self._registry)

@@ -61,6 +61,23 @@ class Metrics:
             "Receipt to TSDB-accepted time of the newest reading written",
             registry=r,
         )
+        self.quota_dropped = Counter(
+            "ingestd_quota_dropped",
+            "Valid messages dropped for exceeding a quota (acknowledged, not stored)",
+            ["rule", "device", "limit"],
+            registry=r,
+        )
+        self.quota_notices = Counter(
+            "ingestd_quota_notices", "Throttle notices published to devices", registry=r
+        )
+        self.quota_shared = Gauge(
+            "ingestd_quota_shared",
+            "1 while quotas are enforced in Redis for all instances, 0 on local fallback",
+            registry=r,
+        )
+        self.quota_devices = Gauge(
+            "ingestd_quota_devices", "Devices with quota state in this process", registry=r
+        )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)
         self.connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected to the broker", registry=r

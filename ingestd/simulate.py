@@ -42,11 +42,14 @@ class Fleet:
     prefix: str = "farm"
     qos: int = 1
     client_id: str | None = None
+    first: int = 0
+    """Number of the first device (esp32-<first>...): fleets with different ranges coexist."""
 
     def topics(self) -> Iterator[tuple[int, str]]:
         for index in range(self.devices):
-            site = f"site{index % self.sites + 1}"
-            yield index, f"{self.prefix}/{site}/esp32-{index:05d}/reservoir"
+            number = self.first + index
+            site = f"site{number % self.sites + 1}"
+            yield index, f"{self.prefix}/{site}/esp32-{number:05d}/reservoir"
 
     def run(
         self,

@@ -73,6 +73,7 @@ class MqttSource:
         self._disconnected = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._closing = False
+        self._reading = True
         self._sub_mids: set[int] = set()
         self._refusal: str | None = None
 
@@ -149,9 +150,25 @@ class MqttSource:
             raise ConnectionError("no CONNACK from the broker")
 
     def pause(self) -> None:
-        """Stop reading new messages (acks still go out); used on shutdown."""
-        if self._loop is not None and self._sock is not None:
-            self._loop.remove_reader(self._sock)
+        """Stop reading new messages; acks still go out. Unacked, the broker holds the rest."""
+        if self._reading:
+            self._reading = False
+            if self._loop is not None and self._sock is not None:
+                self._loop.remove_reader(self._sock)
+
+    def resume(self) -> None:
+        if not self._reading:
+            self._reading = True
+            if self._loop is not None and self._sock is not None:
+                self._loop.add_reader(self._sock, self._readable)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """Publish at QoS 1 on the live connection; False when there is none (not queued)."""
+        client = self._client
+        if client is None or self._sock is None or not self._connected.is_set():
+            return False
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     async def close(self) -> None:
         """Disconnect cleanly; the broker keeps our session and queues for us."""
@@ -347,7 +364,8 @@ class MqttSource:
     def _add_socket(self, sock: socket.socket) -> None:
         assert self._loop is not None
         self._sock = sock
-        self._loop.add_reader(sock, self._readable)
+        if self._reading:
+            self._loop.add_reader(sock, self._readable)
 
     def _on_socket_close(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
         self._call_in_loop(self._remove_socket, sock)

@@ -48,6 +48,8 @@ _VERSION = 1
 _KIND_READINGS = 0
 _RECEIPT = struct.Struct("<Qq")
 _SEGMENT_BYTES = 16 << 20
+# Lines per record: the drainer's batches are whole records, so this bounds their overshoot.
+_RECORD_LINES = 1000
 # Receipt times remembered for redelivered messages: a few broker in-flight windows.
 _RECEIPTS_KEPT = 65536
 
@@ -127,6 +129,7 @@ class Spool:
         self._read_ahead_lines = 0
         self._full = False
         self._closed = False
+        self._committing_acks = 0
 
     # --- opening and recovery ---------------------------------------------------------
 
@@ -277,19 +280,24 @@ class Spool:
         self._has_pending.clear()
         if not pending:
             return
+        self._committing_acks = len(pending.acks)
         size = 0
         if pending.lines:
+            records = -(-len(pending.lines) // _RECORD_LINES)
             size = (
-                _HEADER.size
+                _HEADER.size * records
                 + sum(map(len, pending.lines))
                 + len(pending.lines)
-                - 1
+                - records
                 + _RECEIPT.size * len(pending.receipts)
             )
             await self._wait_for_space(size)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._write, pending)
+        try:
+            await loop.run_in_executor(self._thread, self._write, pending)
+        finally:
+            self._committing_acks = 0
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         if pending.lines:
             self._segments[self._write_segment] = self._segments.get(self._write_segment, 0) + size
@@ -332,23 +340,32 @@ class Spool:
             self._deadletters.add(pending.letters)
         if not pending.lines:
             return
-        payload = b"\n".join(pending.lines)
-        trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts)
-        body = payload + trailer
-        header = _HEADER.pack(
-            _MAGIC,
-            _VERSION,
-            _KIND_READINGS,
-            len(payload),
-            len(trailer),
-            zlib.crc32(body),
-            len(pending.lines),
-            time.time_ns(),
-        )
-        record = memoryview(header + body)
-        while record:
-            written = os.write(self._write_fd, record)
-            record = record[written:]
+        lines = pending.lines
+        now = time.time_ns()
+        records = []
+        for start in range(0, len(lines), _RECORD_LINES):
+            chunk = lines[start : start + _RECORD_LINES]
+            payload = b"\n".join(chunk)
+            last = start + _RECORD_LINES >= len(lines)
+            # The receipts ride with the commit's last record: any record of it would do.
+            trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts) if last else b""
+            body = payload + trailer
+            header = _HEADER.pack(
+                _MAGIC,
+                _VERSION,
+                _KIND_READINGS,
+                len(payload),
+                len(trailer),
+                zlib.crc32(body),
+                len(chunk),
+                now,
+            )
+            records.append(header)
+            records.append(body)
+        data = memoryview(b"".join(records))
+        while data:
+            written = os.write(self._write_fd, data)
+            data = data[written:]
         os.fdatasync(self._write_fd)
 
     def _rotate(self) -> None:
@@ -438,6 +455,11 @@ class Spool:
     def pending_lines(self) -> int:
         """Readings committed but not yet released."""
         return self._unreleased_lines
+
+    @property
+    def unacked(self) -> int:
+        """Messages queued or being committed, whose acks have not gone out yet."""
+        return len(self._pending.acks) + self._committing_acks
 
     @property
     def full(self) -> bool:
