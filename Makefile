@@ -12,7 +12,7 @@ DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-met
                 python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test lint run clean
+.PHONY: setup system-packages test lint run bench clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -46,6 +46,12 @@ lint: setup
 
 run: setup
 	deploy/run-local.sh
+
+# Throughput and memory against references measured in the same run (bench/README.md);
+# BENCH_ARGS=--quick for a short run.
+bench: setup
+	$(BIN)/python bench/quota_micro.py
+	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -817,7 +817,7 @@ def test_evaluation_cost_does_not_grow_with_unrelated_rules(tmp_path: Path) -> N
     unrelated = "".join(
         f"""
       - name: other_{i}
-        select: {selectors[i % len(selectors)].format(i=i)}
+        select: {selectors[i % len(selectors)].replace("{i}", str(i))}
         above: 7.0
     """
         for i in range(3000)

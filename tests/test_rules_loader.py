@@ -186,7 +186,7 @@ def test_yaml_syntax_errors_and_duplicate_keys(tmp_path: Path) -> None:
     )
     found = problems(tmp_path)
     assert found[0].startswith(f"{broken}:4:1: not valid YAML")
-    assert found[1] == f"{dupes}:5:5: duplicate key 'above' (first at line 4)"
+    assert found[1] == f"{dupes}:5:5: rules.0.above: duplicate key (first at line 4)"
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,8 @@ class Ledger:
             assert not fired, f"{event.id} cancelled after firing"
         if event.kind in ("escalated", "deescalated", "repeat", "acknowledged"):
             assert fired and not ended, f"{event.kind} of {event.id} while not firing"
+        if event.kind == "repeat":
+            assert self.state[event.id] == "firing", "an acknowledged alert was repeated"
         if event.flapping and event.kind != "flapping":
             assert not event.notify, "a flapping alert notified"
         assert json.loads(json.dumps(event.to_dict()))["id"] == event.id

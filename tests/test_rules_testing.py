@@ -180,3 +180,17 @@ def test_test_command_exit_codes(tmp_path: Path) -> None:
     assert code == 2
     assert f"error: {invalid}:1:13: rule_files: List should have at least 1 item" in text
     assert rule_testing.test_command([])[0] == 2
+
+
+def test_the_examples_in_the_rules_readme_work(tmp_path: Path) -> None:
+    readme = (REPO / "rules" / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    [rule_file] = [b for b in blocks if b.startswith("rules:")]
+    load_rules(write(tmp_path / "example.yaml", rule_file))
+    [test_file] = [b for b in blocks if b.startswith("rule_files:")]
+    shipped = REPO / "rules" / "reservoir.yaml"
+    test = write(
+        tmp_path / "example_test.yaml", test_file.replace("../reservoir.yaml", str(shipped))
+    )
+    report = run_rule_tests(test)
+    assert report.passed, report.render()

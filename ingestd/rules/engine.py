@@ -80,8 +80,10 @@ class EngineStats:
     route_lookups: int = 0
     """(measurement, field) index lookups that found candidate rules."""
     routes_built: int = 0
+    """Index entries built: one per (measurement, field), one per (that, site value) when
+    rules there are restricted to sites; each scans the rules once."""
     rules_examined: int = 0
-    """Candidate rules whose device/tag matchers were checked."""
+    """Candidate rules the index gave for readings (their matchers were then checked)."""
     evaluations: int = 0
     """Rule conditions evaluated against a value."""
     stale: int = 0

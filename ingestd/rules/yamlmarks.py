@@ -106,8 +106,9 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, document: Mar
             key_mark = Mark.of(key_node.start_mark)
             if key in result:
                 first = document.keys[(*loc, key)]
+                path = ".".join(str(p) for p in (*loc, key))
                 document.problems.append(
-                    (key_mark, f"duplicate key {key!r} (first at line {first.line})")
+                    (key_mark, f"{path}: duplicate key (first at line {first.line})")
                 )
                 continue
             document.keys[(*loc, key)] = key_mark
