@@ -48,6 +48,7 @@ export INGESTD_MQTT__URL="mqtt://127.0.0.1:$MQTT_PORT"
 export INGESTD_INFLUX__URL="http://127.0.0.1:$TSDB_PORT"
 export INGESTD_SPOOL__DIR="$VAR/spool"
 export INGESTD_HTTP__LISTEN="$HTTP_LISTEN"
+export INGESTD_RULES__DIR="$PWD/rules"
 export INGESTD_LOGGING__STATS_INTERVAL=${INGESTD_LOGGING__STATS_INTERVAL:-10s}
 .venv/bin/ingestd check --config config/ingestd.yaml
 
@@ -63,6 +64,8 @@ ingestd is starting: broker mqtt://127.0.0.1:$MQTT_PORT, TSDB http://127.0.0.1:$
   curl -s 'http://127.0.0.1:$TSDB_PORT/api/v1/export?match[]=reservoir_ph' | tail -n 2
   mosquitto_pub -p $MQTT_PORT -t farm/site1/esp32-x/reservoir -m 'not json'   # a dead letter
   .venv/bin/ingestd deadletters --config config/ingestd.yaml
+  mosquitto_sub -p $MQTT_PORT -t 'alerts/#' -v                 # alert events and state
+  .venv/bin/ingestd alerts --config config/ingestd.yaml         # firing alerts
 Ctrl-C stops everything; data stays under $VAR.
 MSG
 .venv/bin/ingestd run --config config/ingestd.yaml &

@@ -9,9 +9,13 @@ import argparse
 import asyncio
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -56,6 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     letters.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     letters.add_argument("--reason", help="only this reason (e.g. malformed, too_large)")
+    rules = commands.add_parser("rules", help="check or test alert rule files")
+    rule_commands = rules.add_subparsers(dest="rules_command", required=True, metavar="COMMAND")
+    rules_check = rule_commands.add_parser(
+        "check", parents=[common], help="validate rule files without connecting anywhere"
+    )
+    rules_check.add_argument(
+        "paths", nargs="*", type=Path, help="rule files or directories (default: rules.dir)"
+    )
+    rules_test = rule_commands.add_parser(
+        "test", help="run rule unit tests written in YAML (like promtool test rules)"
+    )
+    rules_test.add_argument("files", nargs="+", type=Path, help="rule test files")
+    alerts = commands.add_parser(
+        "alerts", parents=[common], help="firing alerts of a running ingestd; ack ID to acknowledge"
+    )
+    alerts.add_argument("action", nargs="?", choices=("list", "ack"), default="list")
+    alerts.add_argument("alert_id", nargs="?", help="the alert to acknowledge")
+    alerts.add_argument("--by", default=os.environ.get("USER", "cli"), help="who acknowledges")
     quotas = commands.add_parser(
         "quotas", parents=[common], help="the devices a running ingestd throttles now"
     )
@@ -86,11 +108,20 @@ def _load(args: argparse.Namespace) -> Settings:
 def _check(args: argparse.Namespace) -> int:
     from ingestd.decode import Decoder  # noqa: PLC0415
     from ingestd.quota import QuotaRules  # noqa: PLC0415
+    from ingestd.rules import load_rules  # noqa: PLC0415
 
     settings = _load(args)
     Decoder(settings.mqtt.subscriptions, settings.guard)  # a subscription that cannot work
     for warning in QuotaRules(settings.quotas).warnings:  # errors raise ConfigError
         print(f"ingestd: quotas: {warning}", file=sys.stderr)
+    if settings.rules.dir.exists():
+        ruleset = load_rules(settings.rules.dir)  # RulesError is a ConfigError: exit 2
+        print(f"ingestd: {settings.rules.dir}: {len(ruleset)} alert rules valid", file=sys.stderr)
+    else:
+        print(
+            f"ingestd: rules.dir {settings.rules.dir} does not exist: no alert rules",
+            file=sys.stderr,
+        )
     if args.show:
         sys.stdout.write(render_settings(settings))
     print(f"ingestd: {args.config}: configuration is valid", file=sys.stderr)
@@ -136,17 +167,55 @@ def _deadletters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quotas(args: argparse.Namespace) -> int:
-    import urllib.request  # noqa: PLC0415
+def _rules(args: argparse.Namespace) -> int:
+    from ingestd.rules import check_command, testing  # noqa: PLC0415
 
-    settings = _load(args)
-    url = f"http://{settings.http.listen}/quotas?top={args.top}"
+    if args.rules_command == "test":
+        code, text = testing.test_command(args.files)
+    else:
+        paths = args.paths or [_load(args).rules.dir]
+        code, text = check_command(paths)
+    print(text, file=sys.stdout if code == EXIT_OK else sys.stderr)
+    return code
+
+
+def _ask_daemon(settings: Settings, path: str, method: str = "GET") -> Any:
+    """A request to the running daemon's HTTP endpoint; OSError when it is not there."""
+    url = f"http://{settings.http.listen}{path}"
+    request = urllib.request.Request(url, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            throttled = orjson.loads(response.read())["throttled"]
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return orjson.loads(exc.read())
     except OSError as exc:
-        print(f"ingestd: cannot reach the daemon at {url}: {exc}; is it running?", file=sys.stderr)
-        return EXIT_FAILURE
+        raise OSError(f"cannot reach the daemon at {url}: {exc}; is it running?") from exc
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if args.action == "ack":
+        if not args.alert_id:
+            print("ingestd: alerts ack needs an alert id (see: ingestd alerts)", file=sys.stderr)
+            return EXIT_CONFIG
+        path = f"/alerts/{urllib.parse.quote(args.alert_id)}/ack?by={urllib.parse.quote(args.by)}"
+        answer = _ask_daemon(settings, path, "POST")
+        if "error" in answer:
+            print(f"ingestd: {answer['error']}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"acknowledged {answer['id']}: {answer['rule']} on {answer['device']} by {args.by}")
+        return EXIT_OK
+    firing = _ask_daemon(settings, "/alerts")["firing"]
+    if not firing:
+        print("no alert is firing")
+    for alert in firing:
+        print(orjson.dumps(alert).decode())
+    return EXIT_OK
+
+
+def _quotas(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    throttled = _ask_daemon(settings, f"/quotas?top={args.top}")["throttled"]
     if not throttled:
         print("no device is being throttled")
         return EXIT_OK
@@ -175,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "deadletters": _deadletters,
         "quotas": _quotas,
+        "alerts": _alerts,
+        "rules": _rules,
         "simulate": _simulate,
     }
     try:
@@ -182,5 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

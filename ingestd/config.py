@@ -342,6 +342,9 @@ class QuotasSection(Section):
 
 class RulesSection(Section):
     dir: Path = Path("/etc/ingestd/rules")
+    """YAML alert rule files; reloaded on SIGHUP and when a file changes."""
+    watch_interval: Duration = 2.0
+    """How often rules.dir is checked for changed files."""
 
 
 class NotifySection(Section):

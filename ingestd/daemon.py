@@ -24,6 +24,7 @@ import time
 import zlib
 from typing import Any
 
+from ingestd.alerts import ACK_FILTER, AlertStage
 from ingestd.config import Settings
 from ingestd.deadletters import DeadLetter, DeadLetters
 from ingestd.decode import Decoder
@@ -57,6 +58,7 @@ class Daemon:
         self._max_unacked = settings.mqtt.max_unacked
         self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None]] = []
         self._gate_ready = asyncio.Event()
+        self._reloading: asyncio.Task[bool] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -73,9 +75,24 @@ class Daemon:
         """Startup, main loop, shutdown; returns the exit code."""
         settings = self.settings
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
+        # Everything that can refuse the configuration first, before anything is opened.
+        self._decoder = Decoder(settings.mqtt.subscriptions, settings.guard)
+        self.source = MqttSource(
+            settings.mqtt,
+            self._intake,
+            self.metrics,
+            self.health,
+            settings.spool.dir,
+            extra_filters=[ACK_FILTER],
+        )
         settings.spool.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.alerts = AlertStage(
+            settings.rules, settings.spool.dir, self.metrics, self.health, self.source.publish
+        )
+        self.throttle = Throttle(
+            settings.quotas, settings.redis, self.metrics, self.health, self.source.publish
+        )
+        sink = self._sink or build_sink(settings.influx, self.metrics, self.health)
         self.deadletters = DeadLetters(settings.spool.dir, settings.guard.deadletters_max)
         self.spool = Spool(settings.spool, self.metrics, self.health, self.deadletters)
         recovery = self.spool.open()
@@ -90,15 +107,12 @@ class Daemon:
         if recovery.pending_lines:
             log.info("spool has readings to deliver", readings=recovery.pending_lines)
         self.health.ok("spool")
-        self._decoder = Decoder(settings.mqtt.subscriptions, settings.guard)
-        sink = self._sink or build_sink(settings.influx, self.metrics, self.health)
-        self.source = MqttSource(
-            settings.mqtt, self._intake, self.metrics, self.health, settings.spool.dir
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        http = HttpServer(
+            settings.http, self.health, self.metrics.registry, self.throttle, self.alerts
         )
-        self.throttle = Throttle(
-            settings.quotas, settings.redis, self.metrics, self.health, self.source.publish
-        )
-        http = HttpServer(settings.http, self.health, self.metrics.registry, self.throttle)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await http.start()
@@ -107,6 +121,7 @@ class Daemon:
                 asyncio.create_task(self.source.run(), name="source"),
                 asyncio.create_task(self.spool.commit_loop(self._durable), name="commit"),
                 asyncio.create_task(self._sweep(), name="sweep"),
+                asyncio.create_task(self.alerts.run(), name="alerts"),
             ]
             if self.throttle.batched:
                 tasks.append(asyncio.create_task(self._gate_loop(), name="quota-gate"))
@@ -133,7 +148,7 @@ class Daemon:
             await self.throttle.close()
             self.spool.close()
             self.deadletters.close()
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         log.info("stopped", readings_left_in_spool=self.spool.pending_lines)
         return 0
@@ -151,6 +166,7 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._pass_gate()
         await self.spool.commit(self._durable)
+        await self.alerts.close()
         await self.source.close()
         grace = self.settings.spool.shutdown_grace
         with contextlib.suppress(TimeoutError):
@@ -188,6 +204,10 @@ class Daemon:
             )
             before = now
 
+    def _on_reload(self) -> None:
+        log.info("signal received", signal="SIGHUP")
+        self._reloading = asyncio.create_task(self.alerts.reload("SIGHUP"))
+
     def _on_signal(self, signum: int) -> None:
         log.info("signal received", signal=signal.Signals(signum).name)
         self.stop()
@@ -197,6 +217,10 @@ class Daemon:
     def _intake(self, topic: str, payload: bytes, redelivered: bool, ack: Ack) -> None:
         metrics = self.metrics
         metrics.received.inc()
+        if self.alerts.is_ack(topic):
+            self.alerts.acknowledge_message(topic, payload)
+            self._admit(_SKIP, (ack,), None)
+            return
         key = zlib.crc32(topic.encode()) << 32 | zlib.crc32(payload)
         received = self.spool.receipt_of(key) if redelivered else None
         if received is None:
@@ -225,9 +249,8 @@ class Daemon:
             metrics.ignored.inc()
             self._admit(_SKIP, (ack,), None)
         else:
-            self._admit(
-                _APPEND, (lines, ack, key, received), self.throttle.match(topic, len(payload))
-            )
+            quota = self.throttle.match(topic, len(payload))
+            self._admit(_APPEND, (lines, ack, key, received, readings), quota)
         if self.spool.unacked + len(self._gate) > self._max_unacked:
             self.source.pause()  # the broker holds the rest; resumed after the next commit
 
@@ -242,8 +265,10 @@ class Daemon:
 
     def _to_spool(self, op: int, args: tuple[Any, ...]) -> None:
         if op == _APPEND:
+            lines, ack, key, received, readings = args
             self.metrics.accepted.inc()
-            self.spool.append(*args)
+            self.spool.append(lines, ack, key, received)
+            self.alerts.evaluate(readings)
         elif op == _REJECT:
             self.spool.reject(*args)
         else:

@@ -78,6 +78,26 @@ class Metrics:
         self.quota_devices = Gauge(
             "ingestd_quota_devices", "Devices with quota state in this process", registry=r
         )
+        self.rules_loaded = Gauge("ingestd_rules_loaded", "Alert rules in force", registry=r)
+        self.rule_reloads = Counter("ingestd_rule_reloads", "Successful rule reloads", registry=r)
+        self.rule_reload_errors = Counter(
+            "ingestd_rule_reload_errors", "Rule reloads refused (old rules kept)", registry=r
+        )
+        self.alert_events = Counter(
+            "ingestd_alert_events",
+            "Alert transitions, by kind and severity",
+            ["kind", "severity"],
+            registry=r,
+        )
+        self.rule_evaluations = Counter(
+            "ingestd_rule_evaluations", "Rule conditions evaluated against a reading", registry=r
+        )
+        self.alerts = Gauge("ingestd_alerts", "Alerts by state now", ["state"], registry=r)
+        self.alert_publish_dropped = Counter(
+            "ingestd_alert_publish_dropped",
+            "Alert messages dropped because the broker was away too long (queue full)",
+            registry=r,
+        )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)
         self.connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected to the broker", registry=r

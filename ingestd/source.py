@@ -57,8 +57,11 @@ class MqttSource:
         metrics: Metrics,
         health: Health,
         state_dir: Path,
+        *,
+        extra_filters: Sequence[str] = (),
     ) -> None:
         self._section = section
+        self._extra_filters = list(extra_filters)
         self._on_message = on_message
         self._metrics = metrics
         self._health = health
@@ -80,9 +83,10 @@ class MqttSource:
     @property
     def filters(self) -> list[str]:
         share = self._section.share_group
-        return [
+        readings = [
             f"$share/{share}/{s.filter}" if share else s.filter for s in self._section.subscriptions
         ]
+        return readings + self._extra_filters
 
     async def wait_subscribed(self) -> None:
         await self._subscribed.wait()

@@ -41,7 +41,7 @@ def daemon_config(
             "batch_size": 2000,
             "flush_interval": "50ms",
             "backoff_max": "500ms",
-            "timeout": "2s",
+            "timeout": "10s",
             **influx,
         },
         "spool": {"dir": str(tmp / "spool"), "commit_interval": "2ms", "shutdown_grace": "10s"},

@@ -210,3 +210,46 @@ def test_every_shipped_subscription_decodes_a_real_message() -> None:
         "tasmota,device=tasmota-4,sensor=AM2301 Temperature=22.1,Humidity=55.3 1789992000000000000"
     ]
     assert lines["homie/esp-9/reservoir/level"] == [f"reservoir,device=esp-9 level=73.5 {now}"]
+
+
+def test_rules_commands_check_and_test_the_shipped_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["rules", "check", str(REPO / "rules")]) == 0
+    assert "valid" in capsys.readouterr().out
+    tests = sorted(str(p) for p in (REPO / "rules" / "tests").glob("*.yaml"))
+    assert tests
+    assert main(["rules", "test", *tests]) == 0
+    assert "rule tests passed" in capsys.readouterr().out
+    bad = write(tmp_path / "bad.yaml", "rules:\n  - name: x\n    selct: {measurement: m}\n")
+    assert main(["rules", "check", str(bad)]) == 2
+    assert f"{bad}:3:5" in capsys.readouterr().err
+
+
+def test_check_includes_the_rules_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("INGESTD_RULES__DIR", str(REPO / "rules"))
+    assert main(["check", "--config", str(EXAMPLE)]) == 0
+    assert "alert rules valid" in capsys.readouterr().err
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    write(rules / "broken.yaml", "rules:\n  - name: x\n    above: high\n")
+    monkeypatch.setenv("INGESTD_RULES__DIR", str(rules))
+    assert main(["check", "--config", str(EXAMPLE)]) == 2
+    assert f"{rules / 'broken.yaml'}:" in capsys.readouterr().err
+
+
+def test_commands_that_ask_the_daemon_say_when_it_is_not_running(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("INGESTD_HTTP__LISTEN", f"127.0.0.1:{port}")
+    assert main(["alerts", "--config", str(EXAMPLE)]) == 1
+    assert "is it running?" in capsys.readouterr().err
+    assert main(["quotas", "--config", str(EXAMPLE)]) == 1
+    assert "is it running?" in capsys.readouterr().err

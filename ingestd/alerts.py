@@ -1,0 +1,242 @@
+"""The alert stage: readings through the rules engine, alert events out to MQTT.
+
+Every event is published at QoS 1 to ``alerts/<severity>/<site>/<device>/<rule>`` and the
+alert's current state is kept retained on ``alerts/state/<site>/<device>/<rule>/<field>``
+(cleared on resolution), so ``mosquitto_sub -t 'alerts/#' -v`` shows the stream and the
+picture. Operators acknowledge by publishing to ``alerts/ack/<alert id>`` (the payload says
+who) or with ``ingestd alerts ack ID``.
+
+The engine's state is saved to ``<spool dir>/alerts.json`` after every change, so a restart
+neither re-fires nor forgets an alert. Rules reload on SIGHUP and when a rule file changes:
+everything is validated first; an invalid change keeps the old rules, logs the exact
+problems and publishes them on ``ingestd/rules/error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingestd.config import RulesSection
+from ingestd.health import Health
+from ingestd.logs import get_logger
+from ingestd.metrics import Metrics
+from ingestd.model import Reading
+from ingestd.rules import AlertEvent, Engine, RulesError, RuleSet, SnapshotError, load_rules
+
+__all__ = ["ACK_FILTER", "AlertStage"]
+
+log = get_logger("alerts")
+
+ACK_FILTER = "alerts/ack/+"
+_ACK_PREFIX = "alerts/ack/"
+ERROR_TOPIC = "ingestd/rules/error"
+_OUTGOING_MAX = 100_000
+
+Publish = Callable[[str, bytes, bool], bool]
+"""(topic, payload, retain) -> whether the broker connection took it."""
+
+
+class AlertStage:
+    def __init__(
+        self,
+        section: RulesSection,
+        state_dir: Path,
+        metrics: Metrics,
+        health: Health,
+        publish: Publish,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._section = section
+        self._state_file = state_dir / "alerts.json"
+        self._metrics = metrics
+        self._health = health
+        self._publish = publish
+        self._clock = clock
+        self._outgoing: deque[tuple[str, bytes, bool]] = deque()
+        self._dirty = False
+        self._evaluations = 0
+        self._signature = self._files_signature()
+        self.engine = Engine(self._load_initial(), clock)
+        self._restore()
+        metrics.rules_loaded.set(len(self.engine.ruleset))
+
+    # --- startup ------------------------------------------------------------------------
+
+    def _load_initial(self) -> RuleSet:
+        if not self._section.dir.exists():
+            log.warning("no alert rules: rules.dir does not exist", dir=str(self._section.dir))
+            return RuleSet()
+        ruleset = load_rules(self._section.dir)  # invalid at start: a ConfigError, exit 2
+        log.info("alert rules loaded", rules=len(ruleset), dir=str(self._section.dir))
+        return ruleset
+
+    def _restore(self) -> None:
+        try:
+            snapshot = orjson.loads(self._state_file.read_bytes())
+            self.engine = Engine.restore(self.engine.ruleset, snapshot, self._clock)
+        except FileNotFoundError:
+            return
+        except (SnapshotError, orjson.JSONDecodeError) as exc:
+            log.error("alert state unreadable; starting without it", error=str(exc))
+            return
+        firing = len(self.engine.firing())
+        log.info("alert state restored", firing=firing, file=str(self._state_file))
+
+    # --- input --------------------------------------------------------------------------
+
+    def evaluate(self, readings: Sequence[Reading]) -> None:
+        engine = self.engine
+        for reading in readings:
+            events = engine.evaluate(reading)
+            if events:
+                self._emit(events)
+
+    @staticmethod
+    def is_ack(topic: str) -> bool:
+        return topic.startswith(_ACK_PREFIX)
+
+    def acknowledge(self, alert_id: str, by: str) -> dict[str, Any] | None:
+        """Acknowledge a firing alert; None when there is no such firing alert."""
+        event = self.engine.acknowledge(alert_id, by or "unknown")
+        if event is None:
+            log.info("acknowledgement for no firing alert", alert=alert_id, by=by)
+            return None
+        log.info("alert acknowledged", alert=alert_id, by=by)
+        self._emit([event])
+        return event.to_dict()
+
+    def acknowledge_message(self, topic: str, payload: bytes) -> None:
+        self.acknowledge(topic[len(_ACK_PREFIX) :], payload.decode("utf-8", "replace").strip())
+
+    def firing(self) -> list[dict[str, Any]]:
+        return [alert.to_dict() for alert in self.engine.firing()]
+
+    # --- output -------------------------------------------------------------------------
+
+    def _emit(self, events: Sequence[AlertEvent]) -> None:
+        for event in events:
+            self._metrics.alert_events.labels(event.kind, event.severity).inc()
+            payload = orjson.dumps(event.to_dict())
+            state = b"" if event.state == "resolved" else payload
+            self._queue(event.topic(), payload, False)
+            self._queue(event.state_topic(), state, True)
+            log.info(
+                f"alert {event.kind}",
+                alert=event.id,
+                rule=event.rule,
+                device=event.device,
+                severity=event.severity,
+                value=event.value,
+            )
+        self._dirty = True
+        self._flush()
+
+    def _queue(self, topic: str, payload: bytes, retain: bool) -> None:
+        if len(self._outgoing) >= _OUTGOING_MAX:
+            self._outgoing.popleft()
+            self._metrics.alert_publish_dropped.inc()
+        self._outgoing.append((topic, payload, retain))
+
+    def _flush(self) -> None:
+        """Publish what is queued, in order, while the broker connection takes it."""
+        while self._outgoing:
+            topic, payload, retain = self._outgoing[0]
+            if not self._publish(topic, payload, retain):
+                return
+            self._outgoing.popleft()
+
+    # --- the stage's own loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Timers (for, deadman, repeat), saving state, watching the rule files."""
+        next_watch = 0.0
+        while True:
+            deadline = self.engine.next_deadline()
+            now = self._clock()
+            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            await asyncio.sleep(wait)
+            events = self.engine.tick()
+            if events:
+                self._emit(events)
+            self._flush()
+            if self._dirty:
+                await self.save()
+            evaluations = self.engine.stats.evaluations
+            self._metrics.rule_evaluations.inc(max(0, evaluations - self._evaluations))
+            self._evaluations = evaluations
+            counts = self.engine.counts()
+            for state, count in counts.items():
+                self._metrics.alerts.labels(state).set(count)
+            if time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + self._section.watch_interval
+                signature = self._files_signature()
+                if signature != self._signature:
+                    self._signature = signature
+                    await self.reload("a rule file changed")
+
+    async def save(self) -> None:
+        self._dirty = False
+        data = orjson.dumps(self.engine.snapshot())
+        await asyncio.to_thread(_write_atomically, self._state_file, data)
+
+    async def reload(self, why: str) -> bool:
+        """Validate everything, then swap; keep the old rules when anything is wrong."""
+        self._signature = self._files_signature()
+        try:
+            ruleset = await asyncio.to_thread(load_rules, self._section.dir)
+        except RulesError as exc:
+            self._metrics.rule_reload_errors.inc()
+            self._health.problem("rules", f"reload failed, previous rules kept: {exc}")
+            log.error("rule reload failed; previous rules kept", why=why, problems=exc.problems)
+            error = {
+                "problems": exc.problems,
+                "at": self._clock(),
+                "kept_rules": len(self.engine.ruleset),
+            }
+            self._queue(ERROR_TOPIC, orjson.dumps(error), False)
+            self._flush()
+            return False
+        events = self.engine.reload(ruleset)
+        self._metrics.rule_reloads.inc()
+        self._metrics.rules_loaded.set(len(ruleset))
+        self._health.ok("rules", f"{len(ruleset)} rules")
+        log.info("rules reloaded", why=why, rules=len(ruleset), events=len(events))
+        if events:
+            self._emit(events)
+        await self.save()
+        return True
+
+    def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
+        directory = self._section.dir
+        if not directory.is_dir():
+            return ()
+        entries = []
+        for path in sorted(directory.iterdir()):
+            if path.suffix in {".yaml", ".yml"}:
+                with contextlib.suppress(FileNotFoundError):
+                    stat = path.stat()
+                    entries.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(entries)
+
+    async def close(self) -> None:
+        self._flush()
+        await self.save()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
