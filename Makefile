@@ -51,7 +51,9 @@ run: setup
 # BENCH_ARGS=--quick for a short run.
 bench: setup
 	$(BIN)/python bench/quota_micro.py
+	$(BIN)/python bench/rules_micro.py
 	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+	$(BIN)/python bench/alerts.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
