@@ -40,7 +40,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -158,11 +158,12 @@ def _epoch_ns(number: int | Decimal) -> int:
 def _decimal_epoch_ns(text: str) -> int:
     try:
         number = Decimal(text)
-    except InvalidOperation:
+        # copy_abs needs no context: abs() would overflow on exponents like 1e9999999.
+        if not number.is_finite() or number.copy_abs() >= _DECIMAL_LIMIT:
+            raise Reject(BAD_TIMESTAMP, f"timestamp {_clip(text, 40)} is out of range")
+        return _epoch_ns(number)
+    except ArithmeticError:  # InvalidOperation, Overflow, ...: all mean "not a timestamp"
         raise Reject(BAD_TIMESTAMP, f"not a timestamp: {_clip(text, 40)}") from None
-    if not number.is_finite() or abs(number) >= _DECIMAL_LIMIT:
-        raise Reject(BAD_TIMESTAMP, f"timestamp {_clip(text, 40)} is out of range")
-    return _epoch_ns(number)
 
 
 def _iso_ns(text: str, zone: ZoneInfo) -> int:

@@ -206,6 +206,8 @@ class MqttSource:
                 certfile=str(section.cert_file) if section.cert_file else None,
                 keyfile=str(section.key_file) if section.key_file else None,
             )
+        # A callback that raises must not make paho replay the packet forever.
+        client.suppress_exceptions = True
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_paho_message
@@ -221,8 +223,13 @@ class MqttSource:
         self._connected.clear()
         self._disconnected.clear()
         self._refusal = None
-        self._client = client = self._new_client()
+        # One paho client for the daemon's life: what it has queued (alert events at QoS 1
+        # not yet confirmed by the broker) is re-sent after a reconnect, not dropped.
+        if self._client is None:
+            self._client = self._new_client()
+        client = self._client
         self._generation += 1
+        self._reading = True  # a new connection must read its CONNACK, even if we paused
         properties = None
         kwargs: dict[str, Any] = {}
         if self._section.protocol == "5":
@@ -291,8 +298,13 @@ class MqttSource:
 
     def _save_filters(self, filters: Sequence[str]) -> None:
         tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(filters)))
-        tmp.replace(self._state_file)
+        try:
+            tmp.write_text(json.dumps(list(filters)))
+            tmp.replace(self._state_file)
+        except OSError as exc:  # only costs a stale unsubscribe later: go on
+            log.error(
+                "cannot save the subscribed topics", file=str(self._state_file), error=str(exc)
+            )
 
     def _on_subscribe(
         self,
@@ -330,9 +342,15 @@ class MqttSource:
 
     def _on_paho_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self._received += 1
-        self._on_message(
-            msg.topic, bytes(msg.payload), msg.dup, (self._generation, msg.mid, msg.qos)
-        )
+        try:
+            self._on_message(
+                msg.topic, bytes(msg.payload), msg.dup, (self._generation, msg.mid, msg.qos)
+            )
+        except Exception:
+            # paho would re-raise and then replay this packet forever, stopping all intake.
+            # The pipeline turns bad input into dead letters; this is a bug of ours: say so,
+            # and leave the message unacknowledged (the broker redelivers it).
+            log.exception("internal error handling a message; please report", topic=msg.topic)
 
     # --- acknowledgement ----------------------------------------------------------------
 
@@ -411,5 +429,11 @@ class MqttSource:
             return
         for _ in range(_READS_PER_WAKEUP):
             before = self._received
-            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self._received == before:
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading:
                 return
+            if self._received == before:
+                break
+        # TLS may hold decrypted packets the socket no longer signals: read them now.
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
+            self._loop.call_soon(self._readable)

@@ -167,7 +167,7 @@ class Spool:
         for _, key, received_ns in receipts[-_RECEIPTS_KEPT:]:
             self._remember(key, received_ns)
         self._write_segment = numbers[-1]
-        self._open_writer(self._write_segment)
+        self._segments[self._write_segment] = self._open_writer(self._write_segment)
         self._committed = Position(self._write_segment, self._segments[self._write_segment])
         self._read = self._cursor
         self._unreleased_lines = recovery.pending_lines
@@ -218,18 +218,20 @@ class Spool:
             return None
         return end, nlines, committed_ns, body[plen:]
 
-    def _open_writer(self, number: int) -> None:
+    def _open_writer(self, number: int) -> int:
+        """Open segment ``number`` for appending; returns its size. Touches no shared state
+        but the fd: it may run in the commit thread."""
         if self._write_fd >= 0:
             os.close(self._write_fd)
         path = self._dir / _segment_name(number)
         self._write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._segments.setdefault(number, os.fstat(self._write_fd).st_size)
         # The new file's directory entry must be durable before records in it are acked.
         dir_fd = os.open(self._dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return os.fstat(self._write_fd).st_size
 
     # --- intake (event loop thread) ---------------------------------------------------
 
@@ -239,6 +241,8 @@ class Spool:
         pending.lines.extend(lines)
         pending.receipts.append((key, received_ns))
         pending.acks.append(ack)
+        # Remembered now, not at commit: a copy redelivered meanwhile gets the same time.
+        self._remember(key, received_ns)
         self._has_pending.set()
 
     def reject(self, letter: DeadLetter, ack: Any) -> None:
@@ -291,24 +295,42 @@ class Spool:
                 - records
                 + _RECEIPT.size * len(pending.receipts)
             )
-            await self._wait_for_space(size)
+            try:
+                await self._wait_for_space(size)
+            except asyncio.CancelledError:
+                self._committing_acks = 0  # never written, never acked: the broker redelivers
+                raise
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        write = loop.run_in_executor(self._thread, self._write, pending)
         try:
-            await loop.run_in_executor(self._thread, self._write, pending)
-        finally:
-            self._committing_acks = 0
+            end = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The write goes on in its thread regardless: finish the bookkeeping and hand
+            # out its acks (in order, before any later commit's), then stop as asked.
+            self._committed_write(pending, await write, started, on_durable)
+            raise
+        self._committed_write(pending, end, started, on_durable)
+        if self._segments[self._write_segment] >= self._segment_bytes:
+            size = await loop.run_in_executor(self._thread, self._rotate)
+            self._segments[self._write_segment] = size
+
+    def _committed_write(
+        self,
+        pending: _Pending,
+        end: int,
+        started: float,
+        on_durable: Callable[[list[Any]], None],
+    ) -> None:
+        self._committing_acks = 0
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         if pending.lines:
-            self._segments[self._write_segment] = self._segments.get(self._write_segment, 0) + size
-            self._committed = Position(self._write_segment, self._segments[self._write_segment])
+            # The file's own end, not a computed size: it stays right whatever happened.
+            self._segments[self._write_segment] = end
+            self._committed = Position(self._write_segment, end)
             self._unreleased_lines += len(pending.lines)
             self._metrics.readings.inc(len(pending.lines))
-            for key, received_ns in pending.receipts:
-                self._remember(key, received_ns)
             self._data_ready.set()
-            if self._segments[self._write_segment] >= self._segment_bytes:
-                await loop.run_in_executor(self._thread, self._rotate)
         self._update_gauges()
         on_durable(pending.acks)
 
@@ -334,12 +356,13 @@ class Spool:
             self._health.ok("spool")
             log.warning("spool has room again: acknowledgements resumed", bytes=self._bytes())
 
-    def _write(self, pending: _Pending) -> None:
-        """Runs in the commit thread: dead letters, then the record, then fsync."""
+    def _write(self, pending: _Pending) -> int:
+        """Runs in the commit thread: dead letters, then the records, then fsync; returns
+        the segment's end offset."""
         if pending.letters:
             self._deadletters.add(pending.letters)
         if not pending.lines:
-            return
+            return self._segments.get(self._write_segment, 0)
         lines = pending.lines
         now = time.time_ns()
         records = []
@@ -367,10 +390,11 @@ class Spool:
             written = os.write(self._write_fd, data)
             data = data[written:]
         os.fdatasync(self._write_fd)
+        return os.lseek(self._write_fd, 0, os.SEEK_END)
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> int:
         self._write_segment += 1
-        self._open_writer(self._write_segment)
+        return self._open_writer(self._write_segment)
 
     # --- drain side (event loop thread) -----------------------------------------------
 

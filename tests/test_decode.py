@@ -768,3 +768,11 @@ def test_any_json_decodes_to_writable_readings_or_a_reason(topic: str, value: An
         assert error.reason in REASONS
         return
     check_decoded(readings)
+
+
+@pytest.mark.parametrize("stamp", ['"1e999999"', '"1e9999999"', '"-1e99999999"', '"NaN"', '"sNaN"'])
+def test_absurd_decimal_timestamps_are_bad_timestamps_not_crashes(stamp: str) -> None:
+    """decimal.Overflow is an ArithmeticError, not a ValueError: once it escaped decode
+    and, raised inside paho's callback, made paho replay the packet forever."""
+    reason = rejected("farm/gh1/dev1/climate", f'{{"temp": 21.5, "time": {stamp}}}').reason
+    assert reason == BAD_TIMESTAMP

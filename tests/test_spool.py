@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -260,3 +261,40 @@ def test_a_commit_larger_than_the_budget_never_deadlocks_an_empty_spool(tmp_path
     asyncio.run(scenario())
     # fully released segments are freed, not kept against the budget
     assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) < 300_000
+
+
+def test_a_commit_cancelled_mid_write_still_acks_in_order_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """Shutdown may cancel the commit task while its write runs in the commit thread."""
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path, segment_bytes=64 << 10)
+        spool.open()
+        acked: list[Any] = []
+        first = lines_for(2000)
+        for i, line in enumerate(first):
+            spool.append([line], ("first", i), i, i)
+        commit = asyncio.create_task(spool.commit(acked.extend))
+        await asyncio.sleep(0)  # the write is now running in the commit thread
+        commit.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await commit
+        assert acked == [("first", i) for i in range(2000)]  # durable, so acknowledged
+        second = lines_for(500, 2000)
+        for i, line in enumerate(second):
+            spool.append([line], ("second", i), i, i)
+        await spool.commit(acked.extend)
+        assert acked[2000:] == [("second", i) for i in range(500)]
+        assert await drain_all(spool, max_lines=700) == first + second
+        spool.close()
+
+    asyncio.run(scenario())
+
+    async def reopen() -> int:
+        spool = make_spool(tmp_path, segment_bytes=64 << 10)
+        recovery = spool.open()
+        spool.close()
+        return recovery.pending_lines
+
+    assert asyncio.run(reopen()) == 0  # everything released; nothing half-counted
