@@ -20,8 +20,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,6 +32,9 @@ from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
 from ingestd.model import Reading
 from ingestd.rules import AlertEvent, Engine, RulesError, RuleSet, SnapshotError, load_rules
+
+if TYPE_CHECKING:
+    from ingestd.notify import Handoff
 
 __all__ = ["ACK_FILTER", "AlertStage"]
 
@@ -55,8 +59,10 @@ class AlertStage:
         publish: Publish,
         *,
         clock: Callable[[], float] = time.time,
+        notifier: Handoff | None = None,
     ) -> None:
         self._section = section
+        self._notifier = notifier
         self._state_file = state_dir / "alerts.json"
         self._metrics = metrics
         self._health = health
@@ -64,6 +70,7 @@ class AlertStage:
         self._clock = clock
         self._outgoing: deque[tuple[str, bytes, bool]] = deque()
         self._dirty = False
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
         self._evaluations = 0
         self._signature = self._files_signature()
         self.engine = Engine(self._load_initial(), clock)
@@ -97,7 +104,12 @@ class AlertStage:
     def evaluate(self, readings: Sequence[Reading]) -> None:
         engine = self.engine
         for reading in readings:
-            events = engine.evaluate(reading)
+            try:
+                events = engine.evaluate(reading)
+            except Exception:  # a bug in the engine must not stop ingestion: say so
+                self._metrics.rule_errors.inc()
+                log.exception("internal error evaluating rules; reading skipped by the rules")
+                continue
             if events:
                 self._emit(events)
 
@@ -138,6 +150,8 @@ class AlertStage:
                 severity=event.severity,
                 value=event.value,
             )
+        if self._notifier is not None:
+            self._notifier.submit(events)
         self._dirty = True
         self._flush()
 
@@ -185,25 +199,35 @@ class AlertStage:
                     await self.reload("a rule file changed")
 
     async def save(self) -> None:
+        """Write the engine's state. Saves run one at a time, in order, in their own thread,
+        so a cancelled or overlapping save can never put an older state in place."""
         self._dirty = False
         data = orjson.dumps(self.engine.snapshot())
-        await asyncio.to_thread(_write_atomically, self._state_file, data)
+        outbox = self._notifier.take() if self._notifier is not None else None
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self._saver, _save, self._state_file, data, outbox):
+            self._dirty = True  # try again at the next turn
 
     async def reload(self, why: str) -> bool:
         """Validate everything, then swap; keep the old rules when anything is wrong."""
         self._signature = self._files_signature()
+        failure: RulesError | None = None
         try:
             ruleset = await asyncio.to_thread(load_rules, self._section.dir)
         except RulesError as exc:
+            failure = exc
+        except OSError as exc:
+            failure = RulesError([f"{self._section.dir}: cannot read the rules: {exc}"])
+        if failure is not None:
             self._metrics.rule_reload_errors.inc()
-            self._health.problem("rules", f"reload failed, previous rules kept: {exc}")
-            log.error("rule reload failed; previous rules kept", why=why, problems=exc.problems)
-            error = {
-                "problems": exc.problems,
+            self._health.problem("rules", f"reload failed, previous rules kept: {failure}")
+            log.error("rule reload failed; previous rules kept", why=why, problems=failure.problems)
+            notice = {
+                "problems": failure.problems,
                 "at": self._clock(),
                 "kept_rules": len(self.engine.ruleset),
             }
-            self._queue(ERROR_TOPIC, orjson.dumps(error), False)
+            self._queue(ERROR_TOPIC, orjson.dumps(notice), False)
             self._flush()
             return False
         events = self.engine.reload(ruleset)
@@ -231,12 +255,26 @@ class AlertStage:
     async def close(self) -> None:
         self._flush()
         await self.save()
+        self._saver.shutdown(wait=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _save(path: Path, data: bytes, outbox: Callable[[], bool] | None) -> bool:
+    """The notification outbox first, in the same ordered step: a crash between the two
+    repeats a notification (the transition happens again), it never loses one."""
+    if outbox is not None and not outbox():
+        return False
+    return _write_atomically(path, data)
+
+
+def _write_atomically(path: Path, data: bytes) -> bool:
     tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        log.error("cannot save the alert state; will retry", file=str(path), error=str(exc))
+        return False
+    return True

@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("action", nargs="?", choices=("list", "ack"), default="list")
     alerts.add_argument("alert_id", nargs="?", help="the alert to acknowledge")
     alerts.add_argument("--by", default=os.environ.get("USER", "cli"), help="who acknowledges")
+    notify = commands.add_parser("notify", help="notification routes and outbox")
+    notify_commands = notify.add_subparsers(dest="notify_command", required=True, metavar="COMMAND")
+    notify_test = notify_commands.add_parser(
+        "test", parents=[common], help="send a test message through every channel of a route"
+    )
+    notify_test.add_argument("route", help="the route's name (notify.routes)")
+    notify_status = notify_commands.add_parser(
+        "status",
+        parents=[common],
+        help="the outbox: pending, failed, oldest pending, each channel's circuit breaker",
+    )
+    notify_status.add_argument("--json", action="store_true", help="print JSON")
     quotas = commands.add_parser(
         "quotas", parents=[common], help="the devices a running ingestd throttles now"
     )
@@ -213,6 +225,15 @@ def _alerts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _notify(args: argparse.Namespace) -> int:
+    from ingestd.notify import commands  # noqa: PLC0415 - Apprise only for these commands
+
+    settings = _load(args)
+    if args.notify_command == "test":
+        return commands.send_test(settings, args.route, sys.stdout)
+    return commands.show_status(settings, sys.stdout, as_json=args.json)
+
+
 def _quotas(args: argparse.Namespace) -> int:
     settings = _load(args)
     throttled = _ask_daemon(settings, f"/quotas?top={args.top}")["throttled"]
@@ -245,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deadletters": _deadletters,
         "quotas": _quotas,
         "alerts": _alerts,
+        "notify": _notify,
         "rules": _rules,
         "simulate": _simulate,
     }

@@ -9,14 +9,19 @@ accepted.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -25,6 +30,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     ValidationError,
     field_validator,
@@ -42,10 +48,15 @@ __all__ = [
     "InfluxSection",
     "LoggingSection",
     "MqttSection",
+    "NotifyChannel",
+    "NotifyRoute",
+    "NotifySection",
+    "QuietWindow",
     "QuotaLimits",
     "QuotaRule",
     "QuotasSection",
     "RedisSection",
+    "RouteMatch",
     "Settings",
     "SpoolSection",
     "Subscription",
@@ -347,9 +358,388 @@ class RulesSection(Section):
     """How often rules.dir is checked for changed files."""
 
 
+# --- notifications (ingestd/notify/) ---------------------------------------------------
+
+NotifyKind = Literal[
+    "firing", "escalated", "deescalated", "repeat", "resolved", "acknowledged", "flapping"
+]
+NOTIFY_KINDS: tuple[NotifyKind, ...] = (
+    "firing",
+    "escalated",
+    "deescalated",
+    "repeat",
+    "resolved",
+    "acknowledged",
+    "flapping",
+)
+"""Alert event kinds a route can send (``pending`` and ``cancelled`` never notify)."""
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_NOTIFY_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_TIME_OF_DAY = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+def _mask_apprise_url(url: SecretStr) -> str:
+    scheme, sep, _ = url.get_secret_value().partition("://")
+    return f"{scheme}://**********" if sep and scheme.isalnum() else "**********"
+
+
+AppriseUrl = Annotated[SecretStr, PlainSerializer(_mask_apprise_url, when_used="json")]
+"""An Apprise URL. It holds tokens, so it is a secret: ``check --show`` prints the scheme only."""
+
+
+@contextmanager
+def apprise_quiet() -> Iterator[None]:
+    """Keep Apprise's own log lines (which may name a URL) off stderr while we validate;
+    and the DeprecationWarning of ``imghdr``, which Apprise's email plugin imports when
+    its plugins first load on Python < 3.13: it tells an operator nothing."""
+    logger = logging.getLogger("apprise")
+    handler = logging.NullHandler()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'imghdr' is deprecated", DeprecationWarning)
+            yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def check_apprise_url(url: str) -> None:
+    """Raise ValueError when Apprise cannot use ``url``; the message never repeats the URL."""
+    import apprise  # noqa: PLC0415 - only configurations with channels pay for it
+
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ValueError(
+            "expected an Apprise URL such as json://HOST/PATH, mailto://HOST?to=ADDRESS or "
+            "tgram://TOKEN/CHAT"
+        )
+    with apprise_quiet():
+        asset = apprise.AppriseAsset(storage_mode="memory")
+        plugin = apprise.Apprise.instantiate(url, asset=asset)
+    if plugin is None:
+        raise ValueError(
+            f"Apprise cannot use this {scheme}:// URL (an unknown scheme, or a part missing or "
+            "malformed; the URL is not shown because it may hold a token)"
+        )
+
+
+class _Unreadable:
+    """Stands for channel text from a secret file that is not a mapping, so an error
+    message can say so without printing the text (it holds tokens)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"<text not shown: {self.why}>"
+
+
+def _channels_input(value: Any) -> Any:
+    """Channels come as a mapping, or as YAML text (a secret file ``notify__channels``);
+    ``name: URL`` is short for ``name: {url: URL}``."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            return _Unreadable(f"not valid YAML{where}")
+        if not isinstance(value, dict):
+            return _Unreadable("expected a mapping of channel names to Apprise URLs")
+    if isinstance(value, Mapping):
+        return {
+            str(name): {"url": spec} if isinstance(spec, str) else spec
+            for name, spec in value.items()
+        }
+    return value
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_glob(pattern: str) -> None:
+    from ingestd.rules.glob import Glob, GlobError  # noqa: PLC0415
+
+    try:
+        Glob(pattern)
+    except GlobError as exc:
+        raise ValueError(f"{pattern!r}: {exc}") from None
+
+
+GlobList = Annotated[list[str], BeforeValidator(_one_or_many)]
+
+
+class NotifyChannel(Section):
+    """One destination: an Apprise URL, or the URLs of an Apprise config file (only those
+    tagged ``tag`` when set). A channel is retried, circuit-broken and counted as a unit."""
+
+    url: AppriseUrl | None = None
+    config: Path | None = None
+    """An Apprise config file (YAML or TEXT format)."""
+    tag: str | None = Field(default=None, min_length=1)
+    """With ``config``: only the URLs carrying this Apprise tag."""
+
+    @model_validator(mode="after")
+    def _target(self) -> NotifyChannel:
+        if (self.url is None) == (self.config is None):
+            raise ValueError(
+                "a channel needs either url (an Apprise URL) or config (an Apprise config file)"
+            )
+        if self.tag is not None and self.config is None:
+            raise ValueError("tag selects URLs of an Apprise config file: use it with config")
+        if self.url is not None:
+            check_apprise_url(self.url.get_secret_value())
+        elif self.config is not None and not self.config.is_file():
+            raise ValueError(f"the Apprise config file {self.config} does not exist")
+        return self
+
+
+class RouteMatch(Section):
+    """Which alerts a route takes: every listed selector must match (globs, ``!`` negates;
+    a list matches when any of its patterns does)."""
+
+    severity: GlobList = ["*"]
+    site: GlobList = ["*"]
+    rule: GlobList = ["*"]
+    device: GlobList = ["*"]
+    labels: dict[str, str] = {}
+    """Rule label -> glob; a label the rule lacks is matched as the empty string."""
+
+    @field_validator("severity", "site", "rule", "device")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one pattern (* matches anything)")
+        for pattern in value:
+            _check_glob(pattern)
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_globs(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern in value.values():
+            _check_glob(pattern)
+        return value
+
+
+class QuietWindow(Section):
+    """A time a route stays quiet: every day (``start``/``end`` as ``'HH:MM'``; an ``end``
+    at or before ``start`` ends the next day), or once (``start``/``end`` as date-times)."""
+
+    start: str
+    end: str
+    days: list[Weekday] = list(WEEKDAYS)
+    """Daily windows: the days on which the window starts."""
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                "write a time of day in quotes, e.g. '22:00' (YAML reads 22:00 without quotes "
+                f"as the number {22 * 60})"
+            )
+        if isinstance(value, date):  # YAML reads an unquoted date-time itself
+            return value.isoformat()
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _form(cls, value: str) -> str:
+        if _TIME_OF_DAY.match(value):
+            return value
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                "expected a time of day 'HH:MM' (every day) or a date-time such as "
+                "'2026-05-01T06:00' (once)"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuietWindow:
+        daily = [bool(_TIME_OF_DAY.match(v)) for v in (self.start, self.end)]
+        if daily[0] != daily[1]:
+            raise ValueError("start and end must both be times of day, or both date-times")
+        if daily[0]:
+            if self.start == self.end:
+                raise ValueError("start and end are the same time: the window would be empty")
+            if not self.days:
+                raise ValueError("days is empty: the window would never apply")
+            return self
+        start, end = datetime.fromisoformat(self.start), datetime.fromisoformat(self.end)
+        if (start.tzinfo is None) != (end.tzinfo is None):
+            raise ValueError("give both date-times with an offset, or neither")
+        if end <= start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
+    @property
+    def daily(self) -> bool:
+        return bool(_TIME_OF_DAY.match(self.start))
+
+
+class NotifyRoute(Section):
+    """Which alerts go to which channels, when, and as what message."""
+
+    name: str = Field(pattern=_NOTIFY_NAME)
+    match: RouteMatch = RouteMatch()
+    target_only: bool = False
+    """True: this route takes no alerts itself, it is only another route's escalate_to or
+    fallback."""
+    stop: bool = True
+    """True: an alert this route takes is not offered to the routes after it."""
+    channels: list[str] = Field(min_length=1)
+    kinds: list[NotifyKind] = list(NOTIFY_KINDS)
+    """Which transitions are sent (escalation messages always are)."""
+    group_window: Duration = 10.0
+    """Alerts of this route arriving within this window go out as one message."""
+    group_max: int = Field(default=20, ge=1, le=500)
+    """At most this many alerts in one message."""
+    timezone: str = "UTC"
+    """Zone of quiet_hours and of the times shown in messages."""
+    quiet_hours: list[QuietWindow] = []
+    quiet_override: list[str] = ["critical"]
+    """Severities sent even in quiet hours."""
+    quiet_action: Literal["delay", "drop"] = "delay"
+    """delay: send when the quiet window ends (one grouped message); drop: never send."""
+    escalate_after: Duration | None = None
+    """A firing alert still unacknowledged this long after it fired is sent to escalate_to."""
+    escalate_to: str | None = None
+    fallback: str | None = None
+    """Where this route's notifications also go when a channel keeps failing (its circuit
+    breaker opens, or an entry reaches max_age)."""
+    title: str | None = None
+    """Jinja2 template (sandboxed) of the message title; null: notify.title or the default."""
+    body: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("expected an IANA time zone such as Europe/Amsterdam or UTC") from None
+        return value
+
+    @field_validator("title", "body")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            from ingestd.notify.messages import check_template  # noqa: PLC0415
+
+            check_template(value)
+        return value
+
+    @model_validator(mode="after")
+    def _escalation(self) -> NotifyRoute:
+        if (self.escalate_after is None) != (self.escalate_to is None):
+            raise ValueError("escalate_after and escalate_to go together: set both or neither")
+        if self.escalate_after is not None and self.escalate_after <= 0:
+            raise ValueError("escalate_after must be longer than 0s")
+        return self
+
+
 class NotifySection(Section):
-    workers: int = Field(default=4, ge=1, le=64)
+    """Notifications of alert events through Apprise (ingestd/notify/, README "Notifications")."""
+
+    workers: int = Field(default=4, ge=2, le=64)
+    """Threads that call Apprise, apart from everything else."""
+    channel_concurrency: int = Field(default=1, ge=1, le=63)
+    """Calls in flight per channel: a hung channel holds at most this many workers."""
     call_timeout: Duration = 30.0
+    """Deadline of one call to a channel (also its socket timeouts)."""
+    retry_min: Duration = 5.0
+    """Backoff after a channel's first failure; doubling per failure, capped, full jitter."""
+    retry_max: Duration = 300.0
+    breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failures that open a channel's circuit breaker."""
+    breaker_cooldown: Duration = 60.0
+    """An open breaker waits this long, then lets one entry through as a probe."""
+    max_age: Duration = 86400.0
+    """An entry still undelivered after this long is marked failed (and sent to fallback)."""
+    max_pending: int = Field(default=100_000, ge=100)
+    """Undelivered entries kept at most (the outbox's budget); the oldest fail first."""
+    keep_done: Duration = 7 * 86400.0
+    """Delivered and failed entries are kept this long (notify status; idempotency)."""
+    title: str | None = None
+    """Default title template for every route; null: the built-in one."""
+    body: str | None = None
+    channels: Annotated[dict[str, NotifyChannel], BeforeValidator(_channels_input)] = {}
+    """Name -> channel. URLs hold tokens: set them with INGESTD_NOTIFY__CHANNELS__<NAME>=URL
+    or the secret file notify__channels (YAML: name: URL)."""
+    routes: list[NotifyRoute] = []
+
+    @field_validator("call_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+    @field_validator("title", "body")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return NotifyRoute._template(value)
+
+    @field_validator("channels")
+    @classmethod
+    def _names(cls, value: dict[str, NotifyChannel]) -> dict[str, NotifyChannel]:
+        for name in value:
+            if not re.match(_NOTIFY_NAME, name):
+                raise ValueError(
+                    f"channel name {name!r}: use lowercase letters, digits, - and _ "
+                    "(at most 64; names from environment variables arrive lowercased)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> NotifySection:
+        if self.channel_concurrency >= self.workers:
+            raise ValueError(
+                f"channel_concurrency ({self.channel_concurrency}) must be below workers "
+                f"({self.workers}): one hung channel must not take every worker"
+            )
+        if self.retry_min > self.retry_max:
+            raise ValueError(f"retry_min ({self.retry_min:g}s) exceeds retry_max")
+        names = [route.name for route in self.routes]
+        doubles = sorted({n for n in names if names.count(n) > 1})
+        if doubles:
+            raise ValueError(f"route names must be unique: {', '.join(doubles)}")
+        routes = {route.name: route for route in self.routes}
+        problems = []
+        for route in self.routes:
+            missing = [c for c in route.channels if c not in self.channels]
+            if missing:
+                known = ", ".join(sorted(self.channels)) or "none defined"
+                problems.append(
+                    f"route {route.name}: unknown channel {', '.join(missing)} "
+                    f"(notify.channels: {known})"
+                )
+            for key in ("escalate_to", "fallback"):
+                target = getattr(route, key)
+                if target is not None and target not in routes:
+                    problems.append(f"route {route.name}: {key} {target!r} is not a route")
+        for key in ("escalate_to", "fallback"):
+            reported: set[frozenset[str]] = set()
+            for route in self.routes:
+                path = [route.name]
+                target = getattr(route, key)
+                while target is not None and target in routes:
+                    if target in path:
+                        loop = [*path[path.index(target) :], target]
+                        if frozenset(loop) not in reported:
+                            reported.add(frozenset(loop))
+                            problems.append(f"{key} loops: {' -> '.join(loop)}")
+                        break
+                    path.append(target)
+                    target = getattr(routes[target], key)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class SpoolSection(Section):

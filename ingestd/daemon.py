@@ -34,6 +34,7 @@ from ingestd.lineproto import format_reading
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
 from ingestd.model import Reject
+from ingestd.notify import Notifier
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
@@ -59,6 +60,7 @@ class Daemon:
         self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None]] = []
         self._gate_ready = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
+        self._stopping = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -86,8 +88,14 @@ class Daemon:
             extra_filters=[ACK_FILTER],
         )
         settings.spool.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.notifier = Notifier(settings.notify, settings.spool.dir, self.metrics, self.health)
         self.alerts = AlertStage(
-            settings.rules, settings.spool.dir, self.metrics, self.health, self.source.publish
+            settings.rules,
+            settings.spool.dir,
+            self.metrics,
+            self.health,
+            self.source.publish,
+            notifier=self.notifier,
         )
         self.throttle = Throttle(
             settings.quotas, settings.redis, self.metrics, self.health, self.source.publish
@@ -122,6 +130,7 @@ class Daemon:
                 asyncio.create_task(self.spool.commit_loop(self._durable), name="commit"),
                 asyncio.create_task(self._sweep(), name="sweep"),
                 asyncio.create_task(self.alerts.run(), name="alerts"),
+                asyncio.create_task(self.notifier.run(), name="notify"),
             ]
             if self.throttle.batched:
                 tasks.append(asyncio.create_task(self._gate_loop(), name="quota-gate"))
@@ -146,6 +155,7 @@ class Daemon:
             await http.close()
             await sink.close()
             await self.throttle.close()
+            self.notifier.abandon()
             self.spool.close()
             self.deadletters.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -159,16 +169,25 @@ class Daemon:
         log.info("ready: subscribed, spool open", filters=self.source.filters)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]], drainer: asyncio.Task[Any]) -> None:
+        self._stopping = True  # no resume: what arrives now stays unacked for next start
         self.source.pause()
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._pass_gate()
-        await self.spool.commit(self._durable)
-        await self.alerts.close()
-        await self.source.close()
         grace = self.settings.spool.shutdown_grace
+        try:
+            # A full spool (the TSDB down) would wait for room forever: bound it.
+            await asyncio.wait_for(self.spool.commit(self._durable), grace)
+        except TimeoutError:
+            log.warning(
+                "spool full at shutdown: the last messages stay unacknowledged;"
+                " the broker redelivers them at the next start"
+            )
+        await self.alerts.close()
+        await self.notifier.close()
+        await self.source.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.spool.drained(), grace)
         drainer.cancel()
@@ -233,6 +252,9 @@ class Daemon:
             reject = exc
         except ValueError as exc:  # decode is tested never to get here; a last line of defence
             reject = Reject("bad_characters", str(exc))
+        except Exception as exc:  # a bug of ours must cost one message, never the intake
+            log.exception("internal error decoding a message; kept as a dead letter", topic=topic)
+            reject = Reject("internal_error", f"{type(exc).__name__}: {exc}"[:200])
         if reject is not None:
             metrics.rejected.labels(reject.reason).inc()
             log.debug("rejected", topic=topic, reason=reject.reason, detail=reject.detail)
@@ -287,7 +309,11 @@ class Daemon:
         self._gate_ready.clear()
         batch, self._gate = self._gate, []
         items = [quota for _, _, quota in batch if quota is not None]
-        verdicts = iter(await self.throttle.allow_batch(items) if items else ())
+        try:
+            verdicts = iter(await self.throttle.allow_batch(items) if items else ())
+        except asyncio.CancelledError:
+            self._gate[:0] = batch  # back in front, in order, for the final pass
+            raise
         for op, args, quota in batch:
             if quota is not None and not next(verdicts):
                 self._throttled(args)
@@ -296,6 +322,8 @@ class Daemon:
 
     def _durable(self, acks: list[Ack]) -> None:
         self.source.ack(acks)
+        if self._stopping:
+            return
         if self.spool.unacked + len(self._gate) < self._max_unacked // 2:
             self.source.resume()
 

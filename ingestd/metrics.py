@@ -89,6 +89,11 @@ class Metrics:
             ["kind", "severity"],
             registry=r,
         )
+        self.rule_errors = Counter(
+            "ingestd_rule_errors",
+            "Internal errors evaluating rules (a bug: report it)",
+            registry=r,
+        )
         self.rule_evaluations = Counter(
             "ingestd_rule_evaluations", "Rule conditions evaluated against a reading", registry=r
         )
@@ -96,6 +101,67 @@ class Metrics:
         self.alert_publish_dropped = Counter(
             "ingestd_alert_publish_dropped",
             "Alert messages dropped because the broker was away too long (queue full)",
+            registry=r,
+        )
+        # Notifications: ``channel`` is the channel's configured name, never its URL.
+        self.notifications_sent = Counter(
+            "ingestd_notifications_sent",
+            "Notifications delivered (one per alert event, route and channel)",
+            ["channel"],
+            registry=r,
+        )
+        self.notifications_failed = Counter(
+            "ingestd_notifications_failed",
+            "Notifications given up (undelivered after notify.max_age, or over the budget)",
+            ["channel"],
+            registry=r,
+        )
+        self.notifications_retried = Counter(
+            "ingestd_notifications_retried",
+            "Failed delivery attempts of a notification that will be retried",
+            ["channel"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "ingestd_notifications_pending",
+            "Notifications in the outbox not delivered yet",
+            ["channel"],
+            registry=r,
+        )
+        self.notifications_oldest = Gauge(
+            "ingestd_notifications_oldest_pending_seconds",
+            "Age of the oldest notification not delivered yet (0 when none)",
+            ["channel"],
+            registry=r,
+        )
+        self.notify_calls = Counter(
+            "ingestd_notify_calls",
+            "Calls to a notification channel, by outcome (ok, error, timeout)",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.notify_breaker_open = Gauge(
+            "ingestd_notify_breaker_open",
+            "1 while a channel's circuit breaker is open or probing",
+            ["channel"],
+            registry=r,
+        )
+        self.notify_fallbacks = Counter(
+            "ingestd_notify_fallbacks",
+            "Notifications handed to a route's fallback route, by the route that failed",
+            ["route"],
+            registry=r,
+        )
+        self.notify_escalations = Counter(
+            "ingestd_notify_escalations",
+            "Alerts escalated for want of an acknowledgement, by the route escalated from",
+            ["route"],
+            registry=r,
+        )
+        self.notify_muted = Counter(
+            "ingestd_notify_muted",
+            "Notifications dropped in quiet hours (quiet_action: drop), by route",
+            ["route"],
             registry=r,
         )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)

@@ -9,6 +9,7 @@ than ``quotas.redis_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -138,7 +139,11 @@ class Throttle:
         if entry is None:
             entry = self._throttled[device] = _Throttled(rule_name, limit)
             if len(self._throttled) > _TRACKED_DEVICES:
-                self._throttled.popitem(last=False)
+                # The metric forgets the device with the table: /metrics stays bounded.
+                gone, old = self._throttled.popitem(last=False)
+                for name in VERDICT_NAMES[1:]:
+                    with contextlib.suppress(KeyError):
+                        self._metrics.quota_dropped.remove(old.rule, gone, name)
         else:
             self._throttled.move_to_end(device)
         now = self._clock()

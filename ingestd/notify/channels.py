@@ -1,0 +1,144 @@
+"""A channel: one Apprise target, called synchronously from a notifier worker thread.
+
+Apprise's own retries are switched off (ingestd retries, per channel, with backoff and a
+circuit breaker) and the call deadline becomes the plugin's socket timeouts, so a hung
+endpoint returns within about ``call_timeout``. Apprise is given no deadline of its own
+(``service_timeout=0``): with one it would run the call in its process-wide pool and
+abandon it there, where a hung endpoint could fill that pool for every channel.
+
+URLs hold tokens: a channel is only ever shown as ``scheme://host`` (from Apprise's own
+privacy URL, which masks a token even where it is the host, as in ``tgram://``), and
+error texts are scrubbed of every part of the URL that the privacy URL hides.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import apprise
+
+from ingestd.config import NotifyChannel, apprise_quiet
+from ingestd.errors import ConfigError
+from ingestd.notify.messages import Message
+
+__all__ = ["Channel", "SendResult", "silence_apprise"]
+
+_TOKEN_SPLIT = re.compile(r"[/:@?&=#,+;]+")
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    ok: bool
+    error: str
+    """Why it failed, scrubbed of secrets; empty on success."""
+    seconds: float
+
+
+def silence_apprise() -> None:
+    """Apprise logs through the standard ``apprise`` logger; without a handler Python
+    prints its warnings raw on stderr. The notifier logs every outcome itself."""
+    logger = logging.getLogger("apprise")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
+class Channel:
+    def __init__(self, name: str, spec: NotifyChannel, call_timeout: float) -> None:
+        self.name = name
+        self._url = spec.url.get_secret_value() if spec.url is not None else None
+        self._config: Path | None = spec.config
+        self._tag = spec.tag
+        self._timeout = call_timeout
+        self._asset = apprise.AppriseAsset(
+            async_mode=False, service_timeout=0, storage_mode="memory"
+        )
+        self._secrets: tuple[str, ...] = ()
+        self.target = self._describe()
+        """``scheme://host`` (or the config file and tag): safe to show anywhere."""
+
+    def _describe(self) -> str:
+        if self._url is None:
+            return f"config:{self._config}" + (f"#{self._tag}" if self._tag else "")
+        with apprise_quiet():
+            plugin = apprise.Apprise.instantiate(self._url, asset=self._asset)
+        if plugin is None:  # validated with the settings; only a changed plugin gets here
+            return f"{self._url.partition('://')[0]}://?"
+        private = str(plugin.url(privacy=True))  # type: ignore[no-untyped-call]
+        parts = urlsplit(private)
+        visible = set(_TOKEN_SPLIT.split(private))
+        words = _TOKEN_SPLIT.split(self._url.partition("://")[2])
+        # Longest first, so a token is replaced before a shorter token inside it.
+        self._secrets = tuple(
+            sorted({w for w in words if len(w) >= 3 and w not in visible}, key=len, reverse=True)
+        )
+        return f"{parts.scheme}://{parts.hostname or ''}"
+
+    def check(self) -> None:
+        """Raise ConfigError when a config-file channel yields no URL to send to."""
+        if self._config is None:
+            return
+        with apprise_quiet():
+            services = self._services(self._apprise())
+        if not services:
+            which = f" tagged {self._tag!r}" if self._tag else ""
+            raise ConfigError(
+                f"notify.channels.{self.name}: the Apprise config file {self._config} "
+                f"has no usable URL{which}"
+            )
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _apprise(self) -> apprise.Apprise:
+        notifier = apprise.Apprise(asset=self._asset)
+        if self._url is not None:
+            notifier.add(self._url)
+        else:
+            config = apprise.AppriseConfig(asset=self._asset)
+            config.add(str(self._config))
+            notifier.add(config)
+        return notifier
+
+    def _services(self, notifier: apprise.Apprise) -> list[apprise.NotifyBase]:
+        if self._tag:
+            return list(notifier.find(self._tag))
+        return list(notifier)
+
+    def send(self, message: Message) -> SendResult:
+        """One call, retries off, socket timeouts at most ``call_timeout``. Blocking: run
+        it in a worker thread."""
+        started = time.monotonic()
+        try:
+            notifier = self._apprise()
+            services = self._services(notifier)
+            if not services:
+                return SendResult(False, "no URL to send to", time.monotonic() - started)
+            for service in services:
+                service.retry = 0
+                service.socket_connect_timeout = min(service.socket_connect_timeout, self._timeout)
+                service.socket_read_timeout = min(service.socket_read_timeout, self._timeout)
+            result = notifier.notify(
+                body=message.body,
+                title=message.title,
+                notify_type=message.notify_type,
+                tag=self._tag or apprise.common.MATCH_ALL_TAG,
+            )
+            with result:
+                if result:
+                    return SendResult(True, "", time.monotonic() - started)
+                reasons = [
+                    entry.message
+                    for entry in result.logs()
+                    if entry.level in {"WARNING", "ERROR", "CRITICAL"}
+                ]
+                error = "; ".join(reasons[-3:]) or f"Apprise: {result.status.name.lower()}"
+        except Exception as exc:  # a plugin bug costs one attempt, not a worker thread
+            error = f"{type(exc).__name__}: {exc}"
+        return SendResult(False, self.redact(error)[:500], time.monotonic() - started)
