@@ -10,6 +10,7 @@ accepted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -42,7 +43,9 @@ from ingestd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DURATION_HELP",
     "ENV_PREFIX",
+    "Duration",
     "GuardSection",
     "HttpSection",
     "InfluxSection",
@@ -62,6 +65,7 @@ __all__ = [
     "Subscription",
     "load_settings",
     "mask_url",
+    "parse_duration",
     "render_settings",
 ]
 
@@ -70,26 +74,29 @@ DEFAULT_CONFIG_PATH = Path("/etc/ingestd/ingestd.yaml")
 # Variables the command line reads itself; they are not settings.
 _CLI_VARIABLES = frozenset({"INGESTD_CONFIG", "INGESTD_SECRETS_DIR"})
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_HELP = "expected a duration such as 500ms, 30s, 5m, 1h30m or 2d (a bare number is seconds)"
 
 
-def _parse_duration(value: Any) -> Any:
+def parse_duration(value: Any) -> float:
+    """Seconds from ``500ms``, ``30s``, ``5m``, ``1h30m``, ``2d`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 10s, 5m, 2h or 1d")
-    if isinstance(value, int | float):
+        raise ValueError(DURATION_HELP)
+    if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     if isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError(
-        "expected a duration such as 500ms, 10s, 5m, 2h or 1d (a bare number is seconds)"
-    )
+        text = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            return float(text)
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(DURATION_HELP)
 
 
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-"""Seconds; written in config as ``500ms``, ``10s``, ``5m``, ``2h``, ``1d`` or a number."""
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+"""Seconds; written ``500ms``, ``30s``, ``5m``, ``1h30m``, ``2d`` or a number."""
 
 
 def mask_url(url: str) -> str:

@@ -95,7 +95,7 @@ def test_wrong_type_is_reported_at_the_value(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:4:12: rules.0.above: Input should be a valid number, unable to parse "
         "string as a number (got 'high')",
-        f"{path}:5:10: rules.0.for: expected a duration such as 30s, 5m, 1h, 1h30m or 2d "
+        f"{path}:5:10: rules.0.for: expected a duration such as 500ms, 30s, 5m, 1h30m or 2d "
         "(a bare number is seconds) (got 'soon')",
     ]
 

@@ -7,11 +7,11 @@ its threshold, ...) are checked by ``loader.py``, which knows where each key was
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingestd.config import Duration, parse_duration
 
 __all__ = [
     "ClearSpec",
@@ -24,34 +24,6 @@ __all__ = [
     "SelectSpec",
     "parse_duration",
 ]
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-DURATION_HELP = "expected a duration such as 30s, 5m, 1h, 1h30m or 2d (a bare number is seconds)"
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30s``, ``5m``, ``1h30m``, ``500ms``, ``2d`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(DURATION_HELP)
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return float(text)
-        parts = _DURATION_PART.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    raise ValueError(DURATION_HELP)
-
-
-def _duration(value: Any) -> Any:
-    return parse_duration(value)
-
-
-Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
-"""Seconds; written ``30s``, ``5m``, ``1h``, ``1h30m``, ``2d`` or a number."""
 
 
 class Spec(BaseModel):
