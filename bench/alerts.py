@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -135,6 +136,7 @@ def main() -> int:
             assert daemon.terminate() == 0
         finally:
             daemon.close()
+            shutil.rmtree(work, ignore_errors=True)
 
     latencies = [(received[key] - at) * 1000 for key, at in sent.items() if key in received]
     report = {

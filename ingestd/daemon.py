@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 import zlib
@@ -38,6 +39,7 @@ from ingestd.notify import Notifier
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
+from ingestd.systemd import SystemdNotify
 from ingestd.throttle import QuotaItem, Throttle
 
 __all__ = ["Daemon"]
@@ -61,6 +63,7 @@ class Daemon:
         self._gate_ready = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
         self._stopping = False
+        self.systemd = SystemdNotify()  # sd_notify: no-op unless run by systemd (Type=notify)
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,6 +118,10 @@ class Daemon:
         if recovery.pending_lines:
             log.info("spool has readings to deliver", readings=recovery.pending_lines)
         self.health.ok("spool")
+        # Everything built so far lives as long as the daemon: out of the cyclic GC's sight,
+        # so its full collections stop walking it (measured: 46-144 ms pauses at 7k msg/s).
+        gc.collect()
+        gc.freeze()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
@@ -122,6 +129,8 @@ class Daemon:
             settings.http, self.health, self.metrics.registry, self.throttle, self.alerts
         )
         tasks: list[asyncio.Task[Any]] = []
+        # Watchdog pings from this loop until the very end (a stalled loop stops them).
+        keepalive = asyncio.create_task(self.systemd.keepalive(self._systemd_status))
         try:
             await http.start()
             log.info("listening", http=settings.http.listen)
@@ -160,6 +169,8 @@ class Daemon:
             self.deadletters.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            keepalive.cancel()
+            self.systemd.close()
         log.info("stopped", readings_left_in_spool=self.spool.pending_lines)
         return 0
 
@@ -167,6 +178,18 @@ class Daemon:
         await self.source.wait_subscribed()
         self.health.ready = True
         log.info("ready: subscribed, spool open", filters=self.source.filters)
+        self.systemd.ready(self._systemd_status())
+
+    def _systemd_status(self) -> str:
+        """The line ``systemctl status`` shows."""
+        if self._stop.is_set():
+            return f"stopping: committing and draining, spool {self.spool.pending_lines} readings"
+        if not self.health.ready:
+            return "starting: waiting for the broker subscription"
+        status = (
+            f"ready: {len(self.source.filters)} filters, spool {self.spool.pending_lines} readings"
+        )
+        return status if self.health.healthy else status + "; degraded, see /healthz"
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]], drainer: asyncio.Task[Any]) -> None:
         self._stopping = True  # no resume: what arrives now stays unacked for next start
@@ -226,9 +249,21 @@ class Daemon:
     def _on_reload(self) -> None:
         log.info("signal received", signal="SIGHUP")
         self._reloading = asyncio.create_task(self.alerts.reload("SIGHUP"))
+        if self.health.ready:  # systemd: RELOADING=1 now, READY=1 once the reload is done
+            self.systemd.reloading("reloading rules (SIGHUP)")
+            self._reloading.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[bool]) -> None:
+        if self._stop.is_set():
+            return
+        ok = not task.cancelled() and task.exception() is None and task.result()
+        self.systemd.ready(
+            self._systemd_status() + ("" if ok else "; rule reload failed, previous rules kept")
+        )
 
     def _on_signal(self, signum: int) -> None:
         log.info("signal received", signal=signal.Signals(signum).name)
+        self.systemd.stopping("stopping: committing, then draining to the TSDB")
         self.stop()
 
     # --- the hot path ------------------------------------------------------------------
