@@ -105,6 +105,30 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--count", type=int, help="stop after this many messages")
     simulate.add_argument("--duration", type=float, help="stop after this many seconds")
     simulate.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    broker = commands.add_parser("broker", help="the gateway broker (mosquitto/): device accounts")
+    broker_commands = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    add_device = broker_commands.add_parser(
+        "add-device",
+        help="add or update a device's broker credentials and print what to flash onto it",
+    )
+    add_device.add_argument("name", help="device id = MQTT username (the topic's device level)")
+    add_device.add_argument(
+        "--passwd", type=Path, default=Path("/etc/mosquitto/passwd"), help="Mosquitto password file"
+    )
+    add_device.add_argument("--site", help="the device's site (topic farm/<site>/<name>/...)")
+    add_device.add_argument("--password", help="use this password (default: a random one)")
+    add_device.add_argument("--host", default="gateway.local", help="broker host for the device")
+    add_device.add_argument("--port", type=int, default=1883, help="broker port (default 1883)")
+    add_device.add_argument(
+        "--acl",
+        type=Path,
+        default=Path("/etc/mosquitto/acl"),
+        help="the broker's ACL file: its users (ingestd, operators) are not device names",
+    )
+    add_device.add_argument(
+        "--device-pattern", help="ingestd's device_pattern, when not the default"
+    )
+    add_device.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -258,6 +282,23 @@ def _simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _broker(args: argparse.Namespace) -> int:
+    from ingestd import broker  # noqa: PLC0415
+
+    creds = broker.add_device(
+        args.name,
+        args.passwd,
+        password=args.password,
+        site=args.site,
+        host=args.host,
+        port=args.port,
+        pattern=args.device_pattern,
+        acl_file=args.acl,
+    )
+    sys.stdout.write(broker.render(creds, as_json=args.json))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -269,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "notify": _notify,
         "rules": _rules,
         "simulate": _simulate,
+        "broker": _broker,
     }
     try:
         return handlers[args.command](args)
