@@ -105,6 +105,23 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--count", type=int, help="stop after this many messages")
     simulate.add_argument("--duration", type=float, help="stop after this many seconds")
     simulate.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    status = commands.add_parser(
+        "status", parents=[common], help="a one-screen summary of a running ingestd"
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between the two /metrics samples"
+    )
+    tail = commands.add_parser(
+        "tail", parents=[common], help="follow alert events live (firing, acknowledged, resolved)"
+    )
+    tail.add_argument("--url", help="the broker, mqtt://[user:pass@]host:port (default: mqtt.url)")
+    tail.add_argument(
+        "--severity",
+        action="append",
+        default=[],
+        help="only these severities (repeat or comma-separate)",
+    )
+    tail.add_argument("--count", type=int, help="stop after this many live events")
     broker = commands.add_parser("broker", help="the gateway broker (mosquitto/): device accounts")
     broker_commands = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
     add_device = broker_commands.add_parser(
@@ -299,6 +316,21 @@ def _broker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from ingestd import operator  # noqa: PLC0415
+
+    return operator.status(_load(args), sys.stdout, interval=args.interval)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from ingestd import operator  # noqa: PLC0415
+
+    severities = [s.strip() for value in args.severity for s in value.split(",")]
+    return operator.tail(
+        _load(args), sys.stdout, sys.stderr, url=args.url, severities=severities, count=args.count
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -311,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rules": _rules,
         "simulate": _simulate,
         "broker": _broker,
+        "status": _status,
+        "tail": _tail,
     }
     try:
         return handlers[args.command](args)
