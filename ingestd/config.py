@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DURATION_HELP",
     "ENV_PREFIX",
+    "TEMPLATE_VAR",
     "Duration",
     "GuardSection",
     "HttpSection",
@@ -128,7 +129,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_TEMPLATE_VAR = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
+TEMPLATE_VAR = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
+"""A whole topic level that is a template variable, ``{name}``."""
 
 
 class Subscription(Section):
@@ -160,9 +162,9 @@ class Subscription(Section):
     @classmethod
     def _template(cls, value: str) -> str:
         levels = value.split("/")
-        names = [m.group(1) for lvl in levels if (m := _TEMPLATE_VAR.match(lvl))]
+        names = [m.group(1) for lvl in levels if (m := TEMPLATE_VAR.match(lvl))]
         for level in levels:
-            if ("{" in level or "}" in level) and not _TEMPLATE_VAR.match(level):
+            if ("{" in level or "}" in level) and not TEMPLATE_VAR.match(level):
                 raise ValueError(f"level {level!r} must be a literal or a whole {{name}}")
             if level in {"+", "#"}:
                 raise ValueError("use {name} variables, not MQTT wildcards, in a template")
@@ -186,9 +188,7 @@ class Subscription(Section):
         """The MQTT topic filter this subscription subscribes to."""
         if self.topic:
             return self.topic
-        return "/".join(
-            "+" if _TEMPLATE_VAR.match(lvl) else lvl for lvl in self.template.split("/")
-        )
+        return "/".join("+" if TEMPLATE_VAR.match(lvl) else lvl for lvl in self.template.split("/"))
 
 
 class MqttSection(Section):

@@ -46,7 +46,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from ingestd.config import GuardSection, Subscription
+from ingestd.config import TEMPLATE_VAR, GuardSection, Subscription
 from ingestd.errors import ConfigError
 from ingestd.lineproto import parse_line
 from ingestd.model import FieldValue, Reading, Reject
@@ -114,7 +114,6 @@ _NEWLINE = re.compile(r"[\r\n]")
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _NOT_FINITE = re.compile(r"[-+]?(?:nan|inf|infinity)", re.IGNORECASE)
 _BOOL_WORDS = {"true": True, "on": True, "false": False, "off": False}
-_TEMPLATE_VAR = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
 _ISO = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2})"
     r"(?::([0-9]{2})(?:[.,]([0-9]+))?)?"
@@ -259,7 +258,7 @@ class _Route:
         variables: dict[str, int] = {}
         literals: dict[int, str] = {}
         for i, level in enumerate(template):
-            match = _TEMPLATE_VAR.match(level)
+            match = TEMPLATE_VAR.match(level)
             if match:
                 variables[match.group(1)] = i
             else:
@@ -282,7 +281,7 @@ class _Route:
         self.checks = tuple(sorted(literals.items()))
         self.root: list[str] = []
         for level in template:
-            if _TEMPLATE_VAR.match(level):
+            if TEMPLATE_VAR.match(level):
                 break
             self.root.append(level)
         self.no_dollar = self.filter_levels[0] in ("+", "#")

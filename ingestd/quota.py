@@ -72,8 +72,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import redis.asyncio
 from redis.exceptions import NoScriptError, RedisError
 
-from ingestd.config import QuotaLimits, QuotaRule, QuotasSection
-from ingestd.decode import _TEMPLATE_VAR
+from ingestd.config import TEMPLATE_VAR, QuotaLimits, QuotaRule, QuotasSection
 from ingestd.errors import ConfigError, IngestdError
 
 __all__ = [
@@ -166,7 +165,7 @@ class _Pattern:
         self.problems: list[str] = []
         parts = topic.split("/")
         for i, level in enumerate(parts):
-            match = _TEMPLATE_VAR.match(level)
+            match = TEMPLATE_VAR.match(level)
             if match:
                 name = match.group(1)
                 if name in self.variables:
@@ -265,7 +264,7 @@ def check_rules(section: QuotasSection) -> list[str]:
                 "names must be unique (they key the shared Redis state)"
             )
         names.setdefault(rule.name, index)
-        key = _TEMPLATE_VAR.match(rule.key)
+        key = TEMPLATE_VAR.match(rule.key)
         if key is None:
             errors.append(f"key {rule.key!r} must be a template variable such as '{{device}}'")
         elif key.group(1) not in pattern.variables:
@@ -367,7 +366,7 @@ class QuotaRules:
         for index, rule in enumerate(self.rules):
             pattern = _Pattern(rule.topic)
             levels = pattern.levels
-            name = _TEMPLATE_VAR.match(rule.key).group(1)  # type: ignore[union-attr] # checked
+            name = TEMPLATE_VAR.match(rule.key).group(1)  # type: ignore[union-attr] # checked
             wild = levels[-1] == "#"
             checks = tuple((i, lvl) for i, lvl in enumerate(levels) if lvl not in ("+", "#"))
             self._compiled.append(

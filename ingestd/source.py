@@ -367,10 +367,6 @@ class MqttSource:
                 sent += 1
         return sent
 
-    def current(self, ack: Ack) -> bool:
-        """Whether an ack still belongs to the live connection."""
-        return ack[0] == self._generation and self._sock is not None
-
     # --- socket plumbing: paho's socket on our event loop ------------------------------
 
     def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
