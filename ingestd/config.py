@@ -9,6 +9,7 @@ accepted.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "GuardSection",
     "HttpSection",
     "InfluxSection",
+    "LatestSection",
     "LoggingSection",
     "MqttSection",
     "NotifyChannel",
@@ -60,6 +62,8 @@ __all__ = [
     "QuotaRule",
     "QuotasSection",
     "RedisSection",
+    "RegistrySection",
+    "RetentionSection",
     "RouteMatch",
     "Settings",
     "SpoolSection",
@@ -286,6 +290,12 @@ class PostgresSection(Section):
     password: SecretStr | None = None
     pool_min: int = Field(default=1, ge=0)
     pool_max: int = Field(default=10, ge=1)
+    connect_timeout: Duration = 5.0
+    """How long one connection attempt may take before PostgreSQL counts as down."""
+    retry: Duration = 5.0
+    """While PostgreSQL is down, try again this often (the daemon runs degraded meanwhile)."""
+    history_batch: int = Field(default=500, ge=1, le=100_000)
+    """Alert history rows written per round trip."""
 
     @field_validator("url")
     @classmethod
@@ -304,6 +314,8 @@ class PostgresSection(Section):
 class RedisSection(Section):
     url: str | None = None
     password: SecretStr | None = None
+    timeout: Duration = 2.0
+    """How long one Redis command may take before Redis counts as down."""
 
     @field_validator("url")
     @classmethod
@@ -764,8 +776,51 @@ class SpoolSection(Section):
         return value
 
 
+class RegistrySection(Section):
+    """The device registry (PostgreSQL): who may send, and their calibrations."""
+
+    unknown: Literal["accept", "reject", "register"] = "accept"
+    """A device not in the registry: accept its readings, reject them (dead letter
+    ``unknown_device``), or register it (enabled) and accept them."""
+    cache: bool = True
+    """Keep a copy in the spool dir, used when PostgreSQL is down at start."""
+
+
+class LatestSection(Section):
+    """The latest value per device and field (Redis when redis.url is set, else memory)."""
+
+    enabled: bool = True
+    ttl: Duration = 86400.0
+    """A device silent this long disappears from the latest values."""
+    interval: Duration = 1.0
+    """Latest values are written (one pipelined round trip) this often."""
+
+    @field_validator("ttl", "interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0")
+        return value
+
+
+class RetentionSection(Section):
+    """How long history is kept; ``ingestd retention apply`` deletes what is older."""
+
+    alert_history: Duration = 365 * 86400.0
+    """Resolved alerts (PostgreSQL) older than this are deleted; 0: kept forever."""
+    deadletters: Duration = 30 * 86400.0
+    """Dead letters older than this are deleted; 0: kept forever."""
+    tsdb: Duration = 0.0
+    """The TSDB bucket's retention, applied by ``ingestd influx setup``; 0: forever."""
+    batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    """Rows deleted per statement, so a big purge never holds long locks."""
+
+
 class HttpSection(Section):
     listen: str = "127.0.0.1:9108"
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 (hex) of the bearer token required on every endpoint but /metrics, /healthz
+    and /readyz; ``ingestd http token`` makes one. Required when listening beyond loopback."""
 
     @field_validator("listen")
     @classmethod
@@ -796,6 +851,15 @@ class LoggingSection(Section):
         return value.lower() if isinstance(value, str) else value
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """The whole configuration of one ingestd instance."""
 
@@ -815,6 +879,9 @@ class Settings(BaseSettings):
     rules: RulesSection = RulesSection()
     notify: NotifySection = NotifySection()
     spool: SpoolSection = SpoolSection()
+    registry: RegistrySection = RegistrySection()
+    latest: LatestSection = LatestSection()
+    retention: RetentionSection = RetentionSection()
     http: HttpSection = HttpSection()
     logging: LoggingSection = LoggingSection()
 
@@ -822,6 +889,16 @@ class Settings(BaseSettings):
     def _needs(self) -> Settings:
         if self.quotas.backend == "redis" and not self.redis.url:
             raise ValueError("quotas.backend redis needs redis.url (e.g. redis://127.0.0.1:6379/0)")
+        if self.registry.unknown != "accept" and not self.postgres.url:
+            raise ValueError(
+                f"registry.unknown {self.registry.unknown} needs the device registry:"
+                " set postgres.url (or registry.unknown: accept)"
+            )
+        if not _loopback(self.http.host) and not self.http.token_sha256:
+            raise ValueError(
+                f"http.listen {self.http.listen} is reachable from other machines: set"
+                " http.token_sha256 (ingestd http token makes one) or listen on 127.0.0.1"
+            )
         return self
 
     @classmethod

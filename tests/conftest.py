@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 # tests/ has no __init__.py, so pytest (prepend import mode) puts tests/ itself on
@@ -149,3 +150,19 @@ def services() -> Iterator[ServiceFactory]:
 def unique() -> str:
     """Short unique token for topic prefixes, database names, keys."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def pg_empty(postgres: Postgres, unique: str) -> str:
+    """URL of a new, empty database on the session's PostgreSQL."""
+    return postgres.create_database(f"t_{unique}")
+
+
+@pytest.fixture
+def pg_url(pg_empty: str) -> str:
+    """URL of a new database on the session's PostgreSQL with ingestd's schema applied."""
+    from ingestd.store.postgres import migrate  # noqa: PLC0415
+
+    with psycopg.connect(pg_empty, autocommit=True) as conn:
+        migrate(conn)
+    return pg_empty

@@ -681,6 +681,12 @@ class Postgres(Service):
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, **kwargs)
 
+    def create_database(self, name: str) -> str:
+        """A new empty database on this server; returns its URL."""
+        with psycopg.connect(self._admin_dsn(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{name}"
+
 
 def _pg_version(bindir: str) -> float:
     try:
