@@ -57,6 +57,7 @@ def test_environment_beats_secret_file_beats_config_file(
     monkeypatch.setenv("INGESTD_INFLUX__TOKEN", "from-env")
     monkeypatch.setenv("INGESTD_MQTT__URL", "mqtts://user:pw@broker.farm:8883")
     monkeypatch.setenv("INGESTD_HTTP__LISTEN", "0.0.0.0:9200")
+    monkeypatch.setenv("INGESTD_HTTP__TOKEN_SHA256", "ab" * 32)  # required off loopback
     settings = load_settings(config, secrets)
     assert settings.influx.token is not None
     assert settings.influx.token.get_secret_value() == "from-env"
