@@ -44,6 +44,7 @@ ACK_FILTER = "alerts/ack/+"
 _ACK_PREFIX = "alerts/ack/"
 ERROR_TOPIC = "ingestd/rules/error"
 _OUTGOING_MAX = 100_000
+_SAVE_EVERY = 0.1  # seconds: at most this often while transitions keep coming
 
 Publish = Callable[[str, bytes, bool], bool]
 """(topic, payload, retain) -> whether the broker connection took it."""
@@ -60,9 +61,11 @@ class AlertStage:
         *,
         clock: Callable[[], float] = time.time,
         notifier: Handoff | None = None,
+        history: Handoff | None = None,
     ) -> None:
         self._section = section
         self._notifier = notifier
+        self._history = history
         self._state_file = state_dir / "alerts.json"
         self._metrics = metrics
         self._health = health
@@ -70,6 +73,8 @@ class AlertStage:
         self._clock = clock
         self._outgoing: deque[tuple[str, bytes, bool]] = deque()
         self._dirty = False
+        self._saved_at = 0.0
+        self._save_lock = asyncio.Lock()
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
         self._evaluations = 0
         self._signature = self._files_signature()
@@ -152,6 +157,8 @@ class AlertStage:
             )
         if self._notifier is not None:
             self._notifier.submit(events)
+        if self._history is not None:
+            self._history.submit(events)
         self._dirty = True
         self._flush()
 
@@ -198,14 +205,36 @@ class AlertStage:
                     self._signature = signature
                     await self.reload("a rule file changed")
 
+    async def save_if_changed(self) -> None:
+        """Return once every transition so far is saved. The spool runs this beside each
+        commit, so a message is acknowledged only once what it caused is on disk; during
+        a storm of transitions saves are coalesced to one per ``_SAVE_EVERY``."""
+        if self._dirty:
+            delay = self._saved_at + _SAVE_EVERY - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        async with self._save_lock:  # also waits for a save in flight that holds them
+            if self._dirty:
+                await self._save()
+
     async def save(self) -> None:
-        """Write the engine's state. Saves run one at a time, in order, in their own thread,
-        so a cancelled or overlapping save can never put an older state in place."""
+        """Write the engine's state now."""
+        async with self._save_lock:
+            await self._save()
+
+    async def _save(self) -> None:
+        """Saves run one at a time, in order, in their own thread, so a cancelled or
+        overlapping save can never put an older state in place."""
         self._dirty = False
+        self._saved_at = time.monotonic()
         data = orjson.dumps(self.engine.snapshot())
-        outbox = self._notifier.take() if self._notifier is not None else None
+        writes = [
+            write
+            for handoff in (self._notifier, self._history)
+            if handoff is not None and (write := handoff.take()) is not None
+        ]
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._saver, _save, self._state_file, data, outbox):
+        if not await loop.run_in_executor(self._saver, _save, self._state_file, data, writes):
             self._dirty = True  # try again at the next turn
 
     async def reload(self, why: str) -> bool:
@@ -258,12 +287,12 @@ class AlertStage:
         self._saver.shutdown(wait=True)
 
 
-def _save(path: Path, data: bytes, outbox: Callable[[], bool] | None) -> bool:
-    """The notification outbox first, in the same ordered step: a crash between the two
-    repeats a notification (the transition happens again), it never loses one."""
-    if outbox is not None and not outbox():
-        return False
-    return _write_atomically(path, data)
+def _save(path: Path, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
+    """The notification outbox and the alert history first, in the same ordered step: a
+    crash in between repeats a transition (it happens again after the restart), it never
+    loses one. Each write stages its own data again when it fails."""
+    ok = all([write() for write in writes])  # every write runs, even after a failure
+    return _write_atomically(path, data) if ok else False
 
 
 def _write_atomically(path: Path, data: bytes) -> bool:

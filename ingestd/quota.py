@@ -380,6 +380,9 @@ class QuotaRules:
                 )
             )
         self._cache: dict[str, tuple[int, str] | None] = {}
+        # Per-device rate and burst from the device registry (PostgreSQL), compiled per rule.
+        self._registry: dict[str, tuple[float, int | None]] = {}
+        self._registry_limits: dict[tuple[int, str], _Limits] = {}
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -412,8 +415,26 @@ class QuotaRules:
         return found
 
     def limits_for(self, rule: int, device: str) -> _Limits:
-        """The limits a device counts against: its override, else the rule's."""
+        """The limits a device counts against: the registry's rate and burst for it (on
+        the rule's other limits), else its override in the rule, else the rule's."""
+        if device in self._registry:
+            found = self._registry_limits.get((rule, device))
+            if found is None:
+                rate, burst = self._registry[device]
+                update = {"rate": rate, "burst": burst}
+                found = _Limits(rule, self.rules[rule].model_copy(update=update))
+                self._registry_limits[(rule, device)] = found
+            return found
         return self.overrides[rule].get(device) or self.limits[rule]
+
+    def set_registry_limits(self, device: str, rate: float | None, burst: int | None) -> None:
+        """The device registry's quota for ``device`` (None: none; the rules apply)."""
+        if rate is None:
+            self._registry.pop(device, None)
+        else:
+            self._registry[device] = (rate, burst)
+        for rule in range(len(self.rules)):
+            self._registry_limits.pop((rule, device), None)
 
 
 # --- period windows -------------------------------------------------------------------------
@@ -605,6 +626,17 @@ class MemoryLimiter:
         queue.append(slot)
         self._slots[rule][device] = slot
         return slot
+
+    def relimit(self, device: str) -> None:
+        """Apply ``device``'s current limits to its state now (after a registry change): its
+        buckets start full under the new rate (a debt is measured in the old rate's time),
+        its hour and day counts go on."""
+        for rule, slots in enumerate(self._slots):
+            slot = slots.get(device)
+            if slot is not None:
+                self._limits[slot] = self._rules.limits_for(rule, device)
+                self._rate_debt[slot] = 0.0
+                self._bytes_debt[slot] = 0.0
 
     def sweep(self, now: float | None = None) -> int:
         """Forget devices idle for ``idle_expiry`` whose state no longer matters; how many.

@@ -26,7 +26,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,16 +270,27 @@ class Spool:
             # Trim in bulk: evicting one at a time from the front of a dict is O(n) each.
             self._receipts = dict(list(receipts.items())[-_RECEIPTS_KEPT:])
 
-    async def commit_loop(self, on_durable: Callable[[list[Any]], None]) -> None:
+    async def commit_loop(
+        self,
+        on_durable: Callable[[list[Any]], None],
+        alongside: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         """Commit forever; after each commit call ``on_durable(acks)``."""
         while True:
             await self._has_pending.wait()
             if self._linger:
                 await asyncio.sleep(self._linger)
-            await self.commit(on_durable)
+            await self.commit(on_durable, alongside)
 
-    async def commit(self, on_durable: Callable[[list[Any]], None]) -> None:
-        """Make everything queued so far durable, then hand its acks to ``on_durable``."""
+    async def commit(
+        self,
+        on_durable: Callable[[list[Any]], None],
+        alongside: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Make everything queued so far durable, then hand its acks to ``on_durable``.
+
+        ``alongside`` runs during the write and is awaited before the acks: what the
+        messages caused elsewhere (alert transitions) is durable before they are acked."""
         pending, self._pending = self._pending, _Pending()
         self._has_pending.clear()
         if not pending:
@@ -303,12 +314,18 @@ class Spool:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         write = loop.run_in_executor(self._thread, self._write, pending)
+        beside = asyncio.ensure_future(alongside()) if alongside is not None else None
         try:
             end = await asyncio.shield(write)
+            if beside is not None:
+                await asyncio.shield(beside)
         except asyncio.CancelledError:
             # The write goes on in its thread regardless: finish the bookkeeping and hand
             # out its acks (in order, before any later commit's), then stop as asked.
-            self._committed_write(pending, await write, started, on_durable)
+            end = await write
+            if beside is not None:
+                await asyncio.gather(beside, return_exceptions=True)
+            self._committed_write(pending, end, started, on_durable)
             raise
         self._committed_write(pending, end, started, on_durable)
         if self._segments[self._write_segment] >= self._segment_bytes:

@@ -221,3 +221,36 @@ def test_reload_keeps_old_rules_on_a_broken_file_and_state_on_a_changed_threshol
     finally:
         watcher.close()
         daemon.close()
+
+
+def test_kill_right_after_a_transition_neither_loses_it_nor_acks_it_unsaved(
+    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+) -> None:
+    """A message is acknowledged only once the transition it caused is saved: killed the
+    moment the event is out, the restarted daemon still has the alert (saved, or fired
+    again from the redelivered message), never a forgotten one."""
+    prefix = f"k{unique}"
+    write_rules(tmp_path, prefix)
+    daemon = start(tmp_path, mosquitto, victoria_metrics, prefix)
+    watcher = Watcher(mosquitto)
+    try:
+        for round_ in range(3):
+            device = f"dev{round_}"
+            reading(watcher, prefix, device, ph=7.5, ec=1.8)
+            wait_for(
+                lambda d=device: any(e["device"] == d for e in watcher.events("firing")), device
+            )
+            daemon.kill()
+            daemon.start()
+            firing = subprocess.run(
+                [sys.executable, "-m", "ingestd", "alerts", "--config", str(daemon.config_path)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+            ).stdout
+            assert f'"device":"{device}"' in firing, f"round {round_}: the alert was forgotten"
+        assert daemon.terminate() == 0
+    finally:
+        watcher.close()
+        daemon.close()

@@ -174,11 +174,12 @@ def test_the_shipped_example_route_loads_with_every_option(tmp_path: Path) -> No
     apprise_file.write_text("urls:\n  - json://127.0.0.1:9/sms:\n      tag: sms\n")
     shipped = (REPO / "config" / "ingestd.yaml").read_text()
     assert "\n  channels: {}\n" in shipped and "\n  routes: []\n" in shipped
-    text = (
-        shipped.replace("\n  channels: {}\n", "\n")
-        .replace("\n  routes: []\n", "\n")
-        .replace("\n\nspool:\n", "\n" + _example_notify_block(apprise_file) + "\n\nspool:\n")
-    )
+    text = shipped.replace("\n  channels: {}\n", "\n").replace("\n  routes: []\n", "\n")
+    # The example goes at the end of the notify section, before the next top-level key.
+    after = re.compile(r"\n\n[a-z_]+:\n").search(text, text.index("\nnotify:\n"))
+    assert after is not None
+    example = "\n" + _example_notify_block(apprise_file)
+    text = text[: after.start()] + example + text[after.start() :]
     config = tmp_path / "ingestd.yaml"
     config.write_text(text)
     settings = load_settings(config)

@@ -386,6 +386,25 @@ def test_overrides_replace_the_rule_limits() -> None:
     assert limits.devices == devices
 
 
+def test_registry_limits_replace_rate_and_burst_at_once_and_can_be_removed() -> None:
+    """The device registry's quota (PostgreSQL) for one device: its rate and burst replace
+    the matching rule's, other limits stay, state already held takes the new limits."""
+    clock = Clock()
+    limits = limiter(rule(rate=100, burst=100, per_day=5), clock=clock)
+    assert limits.allow(0, "esp-1", 1) == ALLOWED  # state held under the rule's limits
+    limits._rules.set_registry_limits("esp-1", 1.0, 1)
+    limits.relimit("esp-1")
+    clock.t += 1
+    assert [limits.allow(0, "esp-1", 1) for _ in range(2)] == [ALLOWED, RATE]
+    assert [limits.allow(0, "esp-2", 1) for _ in range(3)] == [ALLOWED] * 3  # others: the rule
+    clock.t += 1
+    assert [limits.allow(0, "esp-1", 1) for _ in range(2)] == [ALLOWED, RATE]  # 3 today
+    limits._rules.set_registry_limits("esp-1", None, None)
+    limits.relimit("esp-1")
+    assert [limits.allow(0, "esp-1", 1) for _ in range(2)] == [ALLOWED] * 2  # the rule's rate
+    assert limits.allow(0, "esp-1", 1) == DAY  # and the rule's per_day held throughout
+
+
 def test_rules_count_separately_and_exempt_rules_keep_no_state() -> None:
     clock = Clock()
     limits = limiter(
