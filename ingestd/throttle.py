@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 import redis.asyncio as aioredis
 
-from ingestd.config import QuotasSection, RedisSection
+from ingestd.config import QuotasSection
 from ingestd.health import Health
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
@@ -55,13 +55,14 @@ class Throttle:
     def __init__(
         self,
         section: QuotasSection,
-        redis_section: RedisSection,
         metrics: Metrics,
         health: Health,
         publish: Callable[[str, bytes], bool],
         *,
+        redis: aioredis.Redis | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``redis``: the daemon's shared client (it closes it); used by the redis backend."""
         self._section = section
         self._metrics = metrics
         self._health = health
@@ -70,13 +71,8 @@ class Throttle:
         self.rules = QuotaRules(section)
         self._memory = MemoryLimiter(self.rules, section)
         self._redis: RedisLimiter | None = None
-        self._client: aioredis.Redis | None = None
-        if section.backend == "redis" and redis_section.url:
-            password = redis_section.password.get_secret_value() if redis_section.password else None
-            self._client = aioredis.Redis.from_url(redis_section.url, password=password)
-            self._redis = RedisLimiter(
-                self.rules, section, self._client, retry_after=section.redis_retry
-            )
+        if section.backend == "redis" and redis is not None:
+            self._redis = RedisLimiter(self.rules, section, redis, retry_after=section.redis_retry)
         self._shared = self._redis is not None
         self._throttled: OrderedDict[str, _Throttled] = OrderedDict()
         for warning in self.rules.warnings:
@@ -84,6 +80,12 @@ class Throttle:
         if self._redis is not None:
             metrics.quota_shared.set(1)
             health.ok("quota", "shared limits in Redis")
+
+    def set_device_limits(self, device: str, rate: float | None, burst: int | None) -> None:
+        """The device registry's quota for one device (its rate and burst replace those of
+        the rule its topic matches); applies at once, to its current state too."""
+        self.rules.set_registry_limits(device, rate, burst)
+        self._memory.relimit(device)
 
     @property
     def batched(self) -> bool:
@@ -196,7 +198,3 @@ class Throttle:
     def sweep(self) -> None:
         self._memory.sweep()
         self._metrics.quota_devices.set(self._memory.devices)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
