@@ -144,16 +144,19 @@ if [ -z "$ROOT" ] && getent group "$USER_NAME" >/dev/null; then
   done
 fi
 
-# --- the unit -----------------------------------------------------------------------------
+# --- the units ----------------------------------------------------------------------------
+# The daemon, and the daily retention run (ingestd retention apply) with its timer.
 UNIT_DIR=$ROOT/etc/systemd/system
 install -d -m 0755 "$UNIT_DIR"
-if cmp -s "$SRC/deploy/ingestd.service" "$UNIT_DIR/ingestd.service"; then
-  say "/etc/systemd/system/ingestd.service is up to date"
-else
-  # Ours to replace: local changes belong in drop-ins (systemctl edit ingestd).
-  install -m 0644 "$SRC/deploy/ingestd.service" "$UNIT_DIR/ingestd.service"
-  did "installed /etc/systemd/system/ingestd.service"
-fi
+for unit in ingestd.service ingestd-retention.service ingestd-retention.timer; do
+  if cmp -s "$SRC/deploy/$unit" "$UNIT_DIR/$unit"; then
+    say "/etc/systemd/system/$unit is up to date"
+  else
+    # Ours to replace: local changes belong in drop-ins (systemctl edit UNIT).
+    install -m 0644 "$SRC/deploy/$unit" "$UNIT_DIR/$unit"
+    did "installed /etc/systemd/system/$unit"
+  fi
+done
 
 if [ "$SYSTEMCTL" = 1 ]; then
   if [ -n "$ROOT" ]; then
@@ -162,15 +165,26 @@ if [ "$SYSTEMCTL" = 1 ]; then
       systemctl --root="$ROOT" enable ingestd.service
       did "enabled ingestd.service in $ROOT"
     fi
+    if [ ! -L "$UNIT_DIR/timers.target.wants/ingestd-retention.timer" ]; then
+      systemctl --root="$ROOT" enable ingestd-retention.timer
+      did "enabled ingestd-retention.timer in $ROOT"
+    fi
   elif [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     if ! systemctl is-enabled --quiet ingestd.service; then
       systemctl enable ingestd.service
       did "enabled ingestd.service"
     fi
+    # The timer runs from now on (the daemon waits for `systemctl start ingestd`): with no
+    # PostgreSQL configured and no dead letters yet, a run deletes nothing.
+    if ! systemctl is-enabled --quiet ingestd-retention.timer ||
+      ! systemctl is-active --quiet ingestd-retention.timer; then
+      systemctl enable --now ingestd-retention.timer
+      did "enabled and started ingestd-retention.timer (daily retention)"
+    fi
   else
-    say "systemd is not running here: run 'systemctl daemon-reload; systemctl enable ingestd'" \
-      "on the booted system"
+    say "systemd is not running here: run 'systemctl daemon-reload; systemctl enable ingestd;" \
+      "systemctl enable --now ingestd-retention.timer' on the booted system"
   fi
 fi
 
@@ -189,4 +203,5 @@ Next:
        systemctl start ingestd && systemctl status ingestd
        journalctl -u ingestd -f
   Rules reload with: systemctl reload ingestd
+  Retention (retention.* in the config) runs daily: systemctl list-timers ingestd-retention
 NEXT

@@ -83,5 +83,24 @@ class DeadLetters:
         rows = self._db.execute("SELECT reason, count(*) FROM deadletters GROUP BY reason")
         return dict(rows.fetchall())
 
+    def count_before(self, received_ns: int) -> int:
+        """How many were received before ``received_ns`` (``ingestd retention apply``)."""
+        row = self._db.execute(
+            "SELECT count(*) FROM deadletters WHERE received_ns < ?", (received_ns,)
+        ).fetchone()
+        return int(row[0])
+
+    def delete_before(self, received_ns: int, limit: int) -> int:
+        """Delete at most ``limit`` received before ``received_ns``, oldest first, in one
+        short transaction (a daemon writing meanwhile waits at most for this one); returns
+        how many went. No index on received_ns: the store is bounded (``deadletters_max``)
+        and old rows have the low ids, where the scan in id order starts."""
+        cursor = self._db.execute(
+            "DELETE FROM deadletters WHERE id IN (SELECT id FROM deadletters"
+            " WHERE received_ns < ? ORDER BY id LIMIT ?)",
+            (received_ns, limit),
+        )
+        return cursor.rowcount
+
     def close(self) -> None:
         self._db.close()

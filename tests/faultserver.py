@@ -77,8 +77,10 @@ class _State:
 class FaultServer:
     """``with FaultServer(vm.url) as fs: fs.respond(503, times=2); ... fs.requests``"""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, paths: tuple[str, ...] = ("/api/v2/write", "/write")) -> None:
         self.upstream = upstream.rstrip("/")
+        self.paths = paths
+        """The paths served (faulted or forwarded); any other answers 404."""
         self.port = free_port()
         self._lock = threading.Lock()
         self._state = _State()
@@ -230,7 +232,7 @@ class FaultServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         app = web.Application()
-        for path in ("/api/v2/write", "/write"):
+        for path in self.paths:
             app.router.add_route("*", path, self._handle)
         # handler_cancellation: a client that gave up on a hang frees its handler at once.
         runner = web.AppRunner(

@@ -37,6 +37,8 @@ from ingestd import __version__
 from ingestd.systemd import SystemdNotify
 
 UNIT = REPO / "deploy" / "ingestd.service"
+RETENTION_UNIT = REPO / "deploy" / "ingestd-retention.service"
+RETENTION_TIMER = REPO / "deploy" / "ingestd-retention.timer"
 INSTALL = REPO / "deploy" / "install.sh"
 EXEC_START = "/opt/ingestd/venv/bin/ingestd"
 
@@ -113,6 +115,10 @@ def test_install_into_a_root_then_again_changes_nothing_and_keeps_edits(
     assert unit.read_bytes() == UNIT.read_bytes()
     wants = root / "etc/systemd/system/multi-user.target.wants/ingestd.service"
     assert os.readlink(wants) == "/etc/systemd/system/ingestd.service"
+    for shipped in (RETENTION_UNIT, RETENTION_TIMER):
+        assert (root / "etc/systemd/system" / shipped.name).read_bytes() == shipped.read_bytes()
+    timer = root / "etc/systemd/system/timers.target.wants/ingestd-retention.timer"
+    assert os.readlink(timer) == "/etc/systemd/system/ingestd-retention.timer"
     assert "installed ingestd" in first
 
     before = _tree(root)
@@ -162,6 +168,52 @@ def test_unit_passes_systemd_analyze_verify(staged: tuple[Path, Path, str], tmp_
         check=False,
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stdout + result.stderr
+
+
+def test_retention_units_pass_systemd_analyze_verify(
+    staged: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    analyze = _tool("systemd-analyze")
+    _, root, _ = staged
+    text = RETENTION_UNIT.read_text()
+    command = f"ExecStart={EXEC_START} retention apply --config /etc/ingestd/ingestd.yaml"
+    assert re.search(rf"^{re.escape(command)}$", text, re.M)
+    staged_binary = root / EXEC_START.lstrip("/")
+    # The timer starts the service of its own name; both are verified together.
+    service = tmp_path / RETENTION_UNIT.name
+    service.write_text(text.replace(f"ExecStart={EXEC_START}", f"ExecStart={staged_binary}"))
+    timer = tmp_path / RETENTION_TIMER.name
+    shutil.copy2(RETENTION_TIMER, timer)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(service), str(timer)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stdout + result.stderr
+
+
+def _directives(text: str) -> set[str]:
+    return {line for line in text.splitlines() if line and line[0].isalpha() and "=" in line}
+
+
+def test_retention_service_runs_as_the_daemon_with_its_hardening() -> None:
+    daemon = UNIT.read_text()
+    service = _directives(RETENTION_UNIT.read_text())
+    assert "Type=oneshot" in service
+    # Everything from the daemon's identity line on (user, files, hardening) applies to a
+    # oneshot too, but for the credentials the retention run does not use.
+    start = daemon.index("\nUser=")
+    shared = {d for d in _directives(daemon[start:]) if not d.startswith("LoadCredential=")}
+    shared -= {"WantedBy=multi-user.target"}  # the timer starts it, not a target
+    assert shared - service == set()
+    assert "LoadCredential=postgres__password:ingestd.postgres__password" in service
+    assert not any(d.startswith(("WantedBy=", "Restart=", "WatchdogSec=")) for d in service)
+    timer = _directives(RETENTION_TIMER.read_text())
+    assert {"OnCalendar=daily", "Persistent=true", "WantedBy=timers.target"} <= timer
+    assert any(d.startswith("RandomizedDelaySec=") for d in timer)
+    assert not any(d.startswith("Unit=") for d in timer)  # starts ingestd-retention.service
 
 
 def test_unit_stop_timeout_exceeds_the_shutdown_drain() -> None:
