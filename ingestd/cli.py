@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         help="directory of secret files named <section>__<key> "
         "(default: $INGESTD_SECRETS_DIR, else systemd's $CREDENTIALS_DIRECTORY)",
     )
+    client = argparse.ArgumentParser(add_help=False)  # commands that ask the running daemon
+    client.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token of a daemon with http.token_sha256 set"
+        " (default: $INGESTD_HTTP_TOKEN)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", parents=[common], help="run the daemon")
     check = commands.add_parser(
@@ -73,11 +80,60 @@ def _parser() -> argparse.ArgumentParser:
     )
     rules_test.add_argument("files", nargs="+", type=Path, help="rule test files")
     alerts = commands.add_parser(
-        "alerts", parents=[common], help="firing alerts of a running ingestd; ack ID to acknowledge"
+        "alerts",
+        parents=[common, client],
+        help="firing alerts of a running ingestd; ack ID to acknowledge",
     )
-    alerts.add_argument("action", nargs="?", choices=("list", "ack"), default="list")
+    alerts.add_argument("action", nargs="?", choices=("list", "ack", "history"), default="list")
     alerts.add_argument("alert_id", nargs="?", help="the alert to acknowledge")
     alerts.add_argument("--by", default=os.environ.get("USER", "cli"), help="who acknowledges")
+    alerts.add_argument("--device", help="history: only this device")
+    alerts.add_argument("--rule", help="history: only this rule")
+    alerts.add_argument("--since", default="24h", help="history: how far back (default 24h)")
+    alerts.add_argument("--limit", type=int, default=100, help="history: at most (default 100)")
+    alerts.add_argument("--json", action="store_true", help="history: JSON lines")
+    db = commands.add_parser("db", help="the PostgreSQL schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    db_commands.add_parser(
+        "migrate", parents=[common], help="apply the schema migrations (safe to repeat)"
+    )
+    devices = commands.add_parser("devices", help="the device registry (PostgreSQL)")
+    device_commands = devices.add_subparsers(
+        dest="devices_command", required=True, metavar="COMMAND"
+    )
+    devices_list = device_commands.add_parser("list", parents=[common], help="list devices")
+    devices_list.add_argument("--site", help="only this site")
+    devices_list.add_argument("--json", action="store_true", help="JSON lines")
+    devices_add = device_commands.add_parser(
+        "add", parents=[common], help="add a device, or update it"
+    )
+    devices_add.add_argument("device", help="the device id (its topic level)")
+    devices_add.add_argument("--site", help="its site (created when new)")
+    devices_add.add_argument("--kind", help="e.g. esp32, rpi, tasmota")
+    devices_add.add_argument(
+        "--quota-rate", type=float, help="messages per second, overriding the quota rule"
+    )
+    devices_add.add_argument("--quota-burst", type=int, help="burst with --quota-rate")
+    devices_add.add_argument("--disabled", action="store_true", help="add it disabled")
+    devices_add.add_argument("--note", help="free text")
+    for verb in ("disable", "enable"):
+        toggle = device_commands.add_parser(
+            verb, parents=[common], help=f"{verb} a device (disabled: its messages are refused)"
+        )
+        toggle.add_argument("device")
+    devices_cal = device_commands.add_parser(
+        "calibrate",
+        parents=[common],
+        help="add a calibration (value * scale + offset) or list a device's calibrations",
+    )
+    devices_cal.add_argument("device")
+    devices_cal.add_argument("field", nargs="?", help="the field (e.g. ph); none: list")
+    devices_cal.add_argument("--offset", type=float, help="added after scaling (default 0)")
+    devices_cal.add_argument("--scale", type=float, help="multiplied first (default 1)")
+    devices_cal.add_argument(
+        "--from", dest="valid_from", help="effective from (ISO 8601; default now)"
+    )
+    devices_cal.add_argument("--by", default=os.environ.get("USER", "cli"), help="who")
     notify = commands.add_parser("notify", help="notification routes and outbox")
     notify_commands = notify.add_subparsers(dest="notify_command", required=True, metavar="COMMAND")
     notify_test = notify_commands.add_parser(
@@ -91,20 +147,69 @@ def _parser() -> argparse.ArgumentParser:
     )
     notify_status.add_argument("--json", action="store_true", help="print JSON")
     quotas = commands.add_parser(
-        "quotas", parents=[common], help="the devices a running ingestd throttles now"
+        "quotas", parents=[common, client], help="the devices a running ingestd throttles now"
     )
     quotas.add_argument("--top", type=int, default=20, help="how many (default 20)")
+    latest = commands.add_parser(
+        "latest",
+        parents=[common, client],
+        help="the latest value of every device and field (from Redis, else the daemon)",
+    )
+    latest.add_argument("device", nargs="?", help="only this device")
+    latest.add_argument("--json", action="store_true", help="print JSON")
+    http = commands.add_parser("http", help="the daemon's HTTP endpoint")
+    http_commands = http.add_subparsers(dest="http_command", required=True, metavar="COMMAND")
+    http_commands.add_parser(
+        "token", help="make a bearer token and print the http.token_sha256 line for the config"
+    )
+    retention = commands.add_parser("retention", help="delete history older than its age")
+    retention_commands = retention.add_subparsers(
+        dest="retention_command", required=True, metavar="COMMAND"
+    )
+    retention_apply = retention_commands.add_parser(
+        "apply",
+        parents=[common],
+        help="delete resolved alerts and dead letters older than retention.* (in batches)",
+    )
+    retention_apply.add_argument(
+        "--dry-run", action="store_true", help="print how many would go; delete nothing"
+    )
+    influx = commands.add_parser("influx", help="the TSDB: bucket or database and its retention")
+    influx_commands = influx.add_subparsers(dest="influx_command", required=True, metavar="COMMAND")
+    influx_commands.add_parser(
+        "setup",
+        parents=[common],
+        help="create the bucket (v2) or database (v1) with retention.tsdb, or update it;"
+        " prints the admin's command where the token may not",
+    )
     simulate = commands.add_parser(
         "simulate", help="publish simulated hydroponic sensor readings (a load generator)"
     )
-    simulate.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the broker")
-    simulate.add_argument("--devices", type=int, default=10)
-    simulate.add_argument("--sites", type=int, default=2)
+    simulate.add_argument(
+        "--url", default="mqtt://127.0.0.1:1883", help="the broker, mqtt://[user:pass@]host:port"
+    )
+    simulate.add_argument("--devices", type=int, default=10, help="devices esp32-00000, ...")
+    sites = simulate.add_mutually_exclusive_group()
+    sites.add_argument("--sites", type=int, default=2, help="sites site1, site2, ... (default 2)")
+    sites.add_argument(
+        "--site", action="append", default=[], help="site names (repeat or comma-separate)"
+    )
     simulate.add_argument("--prefix", default="farm", help="first topic level (default farm)")
     simulate.add_argument("--rate", type=float, default=5.0, help="messages per second, in all")
     simulate.add_argument("--count", type=int, help="stop after this many messages")
     simulate.add_argument("--duration", type=float, help="stop after this many seconds")
     simulate.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    simulate.add_argument(
+        "--processes", type=int, help="publisher processes (default: one per 5000 msg/s)"
+    )
+    simulate.add_argument(
+        "--anomalies",
+        choices=("off", "normal", "high"),
+        default="normal",
+        help="drifts and dropouts: about one per device every 2 days (normal) or 5 h (high)",
+    )
+    simulate.add_argument("--seed", type=int, help="same seed, same devices and anomalies")
+    simulate.add_argument("--json", action="store_true", help="print the final report as JSON")
     status = commands.add_parser(
         "status", parents=[common], help="a one-screen summary of a running ingestd"
     )
@@ -232,14 +337,37 @@ def _rules(args: argparse.Namespace) -> int:
     return code
 
 
-def _ask_daemon(settings: Settings, path: str, method: str = "GET") -> Any:
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token for the daemon: ``--token-file``, else ``$INGESTD_HTTP_TOKEN``."""
+    path: Path | None = getattr(args, "token_file", None)
+    if path is None:
+        return os.environ.get("INGESTD_HTTP_TOKEN", "").strip() or None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"--token-file {path}: cannot read it: {exc.strerror or exc}") from exc
+    if not token:
+        raise ConfigError(f"--token-file {path}: the file is empty; it should hold the token")
+    return token
+
+
+def _ask_daemon(
+    settings: Settings, path: str, method: str = "GET", *, token: str | None = None
+) -> Any:
     """A request to the running daemon's HTTP endpoint; OSError when it is not there."""
     url = f"http://{settings.http.listen}{path}"
-    request = urllib.request.Request(url, method=method)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            refused = "refused the token given" if token else "needs a bearer token"
+            raise PermissionError(
+                f"the daemon at {url} {refused}: pass --token-file FILE or set"
+                " INGESTD_HTTP_TOKEN (the token whose SHA-256 is http.token_sha256)"
+            ) from None
         return orjson.loads(exc.read())
     except OSError as exc:
         raise OSError(f"cannot reach the daemon at {url}: {exc}; is it running?") from exc
@@ -247,23 +375,47 @@ def _ask_daemon(settings: Settings, path: str, method: str = "GET") -> Any:
 
 def _alerts(args: argparse.Namespace) -> int:
     settings = _load(args)
+    if args.action == "history":
+        from ingestd.store import commands  # noqa: PLC0415
+
+        return commands.alert_history(settings, sys.stdout, args)
     if args.action == "ack":
         if not args.alert_id:
             print("ingestd: alerts ack needs an alert id (see: ingestd alerts)", file=sys.stderr)
             return EXIT_CONFIG
         path = f"/alerts/{urllib.parse.quote(args.alert_id)}/ack?by={urllib.parse.quote(args.by)}"
-        answer = _ask_daemon(settings, path, "POST")
+        answer = _ask_daemon(settings, path, "POST", token=_token(args))
         if "error" in answer:
             print(f"ingestd: {answer['error']}", file=sys.stderr)
             return EXIT_FAILURE
         print(f"acknowledged {answer['id']}: {answer['rule']} on {answer['device']} by {args.by}")
         return EXIT_OK
-    firing = _ask_daemon(settings, "/alerts")["firing"]
+    firing = _ask_daemon(settings, "/alerts", token=_token(args))["firing"]
     if not firing:
         print("no alert is firing")
     for alert in firing:
         print(orjson.dumps(alert).decode())
     return EXIT_OK
+
+
+def _db(args: argparse.Namespace) -> int:
+    from ingestd.store import commands  # noqa: PLC0415
+
+    return commands.db_migrate(_load(args), sys.stdout)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from ingestd.store import commands  # noqa: PLC0415
+
+    settings = _load(args)
+    verb = args.devices_command
+    if verb == "list":
+        return commands.list_devices(settings, sys.stdout, site=args.site, as_json=args.json)
+    if verb == "add":
+        return commands.add_device(settings, sys.stdout, args)
+    if verb == "calibrate":
+        return commands.calibrate(settings, sys.stdout, args)
+    return commands.set_enabled(settings, sys.stdout, args.device, enabled=verb == "enable")
 
 
 def _notify(args: argparse.Namespace) -> int:
@@ -277,7 +429,7 @@ def _notify(args: argparse.Namespace) -> int:
 
 def _quotas(args: argparse.Namespace) -> int:
     settings = _load(args)
-    throttled = _ask_daemon(settings, f"/quotas?top={args.top}")["throttled"]
+    throttled = _ask_daemon(settings, f"/quotas?top={args.top}", token=_token(args))["throttled"]
     if not throttled:
         print("no device is being throttled")
         return EXIT_OK
@@ -290,12 +442,100 @@ def _quotas(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from ingestd.simulate import Fleet  # noqa: PLC0415
+def _latest(args: argparse.Namespace) -> int:
+    from ingestd.latest import LatestUnavailable, read_redis, render_table  # noqa: PLC0415
 
-    fleet = Fleet(args.url, args.devices, args.sites, args.prefix, args.qos)
-    sent = fleet.run(args.rate, args.count, args.duration)
-    print(f"ingestd simulate: published {sent} readings", file=sys.stderr)
+    settings = _load(args)
+    device: str | None = args.device
+    if not settings.latest.enabled:
+        print("ingestd: latest values are off (latest.enabled: false)", file=sys.stderr)
+        return EXIT_FAILURE
+    if settings.redis.url:  # straight from Redis: works with the daemon stopped
+        try:
+            values = asyncio.run(read_redis(settings.redis, settings.latest.ttl, device))
+        except LatestUnavailable as exc:
+            print(f"ingestd: cannot read the latest values: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    else:  # kept in the daemon's memory
+        path = "/latest" + (f"/{urllib.parse.quote(device, safe='')}" if device else "")
+        answer = _ask_daemon(settings, path, token=_token(args))
+        if "error" in answer:
+            print(f"ingestd: {answer['error']}", file=sys.stderr)
+            return EXIT_FAILURE
+        values = answer["devices"] if device is None else {device: answer["values"]}
+    if device is not None and device not in values:
+        print(
+            f"ingestd: no latest values for device {device!r}: unknown, or silent longer"
+            " than latest.ttl",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if args.json:
+        shown: dict[str, Any] = (
+            {"devices": values} if device is None else {"device": device, "values": values[device]}
+        )
+        print(orjson.dumps(shown).decode())
+    elif not values:
+        print("no latest values (no device sent readings within latest.ttl)")
+    else:
+        print("\n".join(render_table(values)))
+    return EXIT_OK
+
+
+def _http(args: argparse.Namespace) -> int:
+    import secrets  # noqa: PLC0415
+
+    from ingestd.http import token_sha256  # noqa: PLC0415
+
+    token = secrets.token_urlsafe(32)
+    digest = token_sha256(token)
+    print(
+        "A new bearer token for the daemon's HTTP endpoint (shown only now; the daemon keeps"
+        f" its hash):\n\n  {token}\n\n"
+        "Put its hash in the config file (or INGESTD_HTTP__TOKEN_SHA256, or the secret file"
+        f" http__token_sha256):\n\n  http:\n    token_sha256: {digest}\n\n"
+        f"Clients send the header 'Authorization: Bearer {token}'. ingestd commands (alerts,"
+        " quotas, latest) send it from --token-file FILE (the token alone, in a file only"
+        " they can read) or $INGESTD_HTTP_TOKEN. /metrics, /healthz and /readyz stay open."
+    )
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ingestd import simulate as sim  # noqa: PLC0415
+
+    names = [s.strip() for value in args.site for s in value.split(",") if s.strip()]
+    try:
+        fleet = sim.Fleet(
+            args.url,
+            args.devices,
+            names or args.sites,
+            args.prefix,
+            args.qos,
+            fields=sim.FIELDS,
+            anomalies=args.anomalies,
+            seed=sim.new_seed() if args.seed is None else args.seed,
+        )
+        sim.check_run(args.rate, args.count, args.duration, args.processes)
+    except ValueError as exc:
+        raise ConfigError(f"simulate: {exc}") from exc
+    processes = min(args.processes or sim.default_processes(args.rate, fleet.devices), args.devices)
+    print(sim.describe(fleet, args.rate, processes), file=sys.stderr, flush=True)
+    with sim.stop_on_signals() as stop:  # Ctrl-C: finish what is in flight, then report
+        report = sim.simulate(
+            fleet, args.rate, args.count, args.duration, processes=processes, stop=stop
+        )
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(report.text())
+    if report.refused:
+        print(
+            f"ingestd simulate: the broker refused {report.refused} messages: with the gateway's"
+            " ACL a user may publish only as the device it is named after",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -331,6 +571,26 @@ def _tail(args: argparse.Namespace) -> int:
     )
 
 
+def _retention(args: argparse.Namespace) -> int:
+    from ingestd import retention  # noqa: PLC0415
+
+    return retention.apply(_load(args), sys.stdout, sys.stderr, dry_run=args.dry_run)
+
+
+def _influx(args: argparse.Namespace) -> int:
+    from ingestd import influx_setup  # noqa: PLC0415
+
+    settings = _load(args)
+    outcome = influx_setup.setup(settings.influx, settings.retention.tsdb)
+    if outcome.done:
+        print(outcome.message)
+        return EXIT_OK
+    print(f"ingestd: {outcome.message}", file=sys.stderr)
+    for command in outcome.commands:
+        print(f"  {command}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -340,11 +600,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quotas": _quotas,
         "alerts": _alerts,
         "notify": _notify,
+        "db": _db,
+        "devices": _devices,
         "rules": _rules,
         "simulate": _simulate,
         "broker": _broker,
         "status": _status,
         "tail": _tail,
+        "latest": _latest,
+        "http": _http,
+        "retention": _retention,
+        "influx": _influx,
     }
     try:
         return handlers[args.command](args)

@@ -77,7 +77,8 @@ __all__ = [
 ENV_PREFIX = "INGESTD_"
 DEFAULT_CONFIG_PATH = Path("/etc/ingestd/ingestd.yaml")
 # Variables the command line reads itself; they are not settings.
-_CLI_VARIABLES = frozenset({"INGESTD_CONFIG", "INGESTD_SECRETS_DIR"})
+# INGESTD_HTTP_TOKEN: the bearer token commands send to the daemon (the daemon keeps its hash).
+_CLI_VARIABLES = frozenset({"INGESTD_CONFIG", "INGESTD_SECRETS_DIR", "INGESTD_HTTP_TOKEN"})
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -25,12 +25,15 @@ import time
 import zlib
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
+
 from ingestd.alerts import ACK_FILTER, AlertStage
 from ingestd.config import Settings
 from ingestd.deadletters import DeadLetter, DeadLetters
 from ingestd.decode import Decoder
 from ingestd.health import Health
 from ingestd.http import HttpServer
+from ingestd.latest import Latest
 from ingestd.lineproto import format_reading
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
@@ -39,6 +42,10 @@ from ingestd.notify import Notifier
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
+from ingestd.store.history import History
+from ingestd.store.postgres import open_pool
+from ingestd.store.redis import connect as connect_redis
+from ingestd.store.registry import Device, Registry
 from ingestd.systemd import SystemdNotify
 from ingestd.throttle import QuotaItem, Throttle
 
@@ -62,6 +69,7 @@ class Daemon:
         self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None]] = []
         self._gate_ready = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
+        self._registry: Registry | None = None
         self._stopping = False
         self.systemd = SystemdNotify()  # sd_notify: no-op unless run by systemd (Type=notify)
 
@@ -92,6 +100,14 @@ class Daemon:
         )
         settings.spool.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.notifier = Notifier(settings.notify, settings.spool.dir, self.metrics, self.health)
+        self.pool: AsyncConnectionPool | None = None
+        self.history: History | None = None
+        self.registry: Registry | None = None
+        if settings.postgres.url:
+            self.pool = open_pool(settings.postgres)
+            self.history = History(
+                settings.postgres, self.pool, settings.spool.dir, self.metrics, self.health
+            )
         self.alerts = AlertStage(
             settings.rules,
             settings.spool.dir,
@@ -99,10 +115,28 @@ class Daemon:
             self.health,
             self.source.publish,
             notifier=self.notifier,
+            history=self.history,
         )
+        # One Redis client (one connection pool) for every stage that uses Redis.
+        self.redis = connect_redis(settings.redis) if settings.redis.url else None
         self.throttle = Throttle(
-            settings.quotas, settings.redis, self.metrics, self.health, self.source.publish
+            settings.quotas, self.metrics, self.health, self.source.publish, redis=self.redis
         )
+        self.latest: Latest | None = None
+        if settings.latest.enabled:
+            self.latest = Latest(settings.latest, self.metrics, self.health, self.redis)
+        if settings.postgres.url:
+            self.registry = Registry(
+                settings.registry,
+                settings.postgres,
+                settings.spool.dir,
+                self.metrics,
+                self.health,
+                on_change=self._device_changed,
+            )
+            # Refuses an old schema (exit 2); PostgreSQL down: the registry's copy, degraded.
+            await self.registry.start()
+        self._registry = self.registry
         sink = self._sink or build_sink(settings.influx, self.metrics, self.health)
         self.deadletters = DeadLetters(settings.spool.dir, settings.guard.deadletters_max)
         self.spool = Spool(settings.spool, self.metrics, self.health, self.deadletters)
@@ -126,7 +160,12 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         http = HttpServer(
-            settings.http, self.health, self.metrics.registry, self.throttle, self.alerts
+            settings.http,
+            self.health,
+            self.metrics.registry,
+            self.throttle,
+            self.alerts,
+            latest=self.latest,
         )
         tasks: list[asyncio.Task[Any]] = []
         # Watchdog pings from this loop until the very end (a stalled loop stops them).
@@ -136,13 +175,22 @@ class Daemon:
             log.info("listening", http=settings.http.listen)
             tasks = [
                 asyncio.create_task(self.source.run(), name="source"),
-                asyncio.create_task(self.spool.commit_loop(self._durable), name="commit"),
+                asyncio.create_task(
+                    self.spool.commit_loop(self._durable, self.alerts.save_if_changed),
+                    name="commit",
+                ),
                 asyncio.create_task(self._sweep(), name="sweep"),
                 asyncio.create_task(self.alerts.run(), name="alerts"),
                 asyncio.create_task(self.notifier.run(), name="notify"),
             ]
             if self.throttle.batched:
                 tasks.append(asyncio.create_task(self._gate_loop(), name="quota-gate"))
+            if self.latest is not None:
+                tasks.append(asyncio.create_task(self.latest.run(), name="latest"))
+            if self.registry is not None and self.pool is not None and self.history is not None:
+                await self.pool.open(wait=False)  # connects (and reconnects) in the background
+                tasks.append(asyncio.create_task(self.registry.run(), name="registry"))
+                tasks.append(asyncio.create_task(self.history.run(), name="history"))
             drainer = asyncio.create_task(self._drain(sink), name="drain")
             helpers = [asyncio.create_task(self._ready()), asyncio.create_task(self._stats())]
             stop = asyncio.create_task(self._stop.wait())
@@ -163,7 +211,14 @@ class Daemon:
                 task.cancel()
             await http.close()
             await sink.close()
-            await self.throttle.close()
+            if self.latest is not None:
+                await self.latest.close(settings.redis.timeout)  # the last values, briefly
+            if self.redis is not None:
+                await self.redis.aclose()
+            if self.registry is not None:
+                await self.registry.close()
+            if self.pool is not None:
+                await self.pool.close()
             self.notifier.abandon()
             self.spool.close()
             self.deadletters.close()
@@ -202,13 +257,17 @@ class Daemon:
         grace = self.settings.spool.shutdown_grace
         try:
             # A full spool (the TSDB down) would wait for room forever: bound it.
-            await asyncio.wait_for(self.spool.commit(self._durable), grace)
+            await asyncio.wait_for(
+                self.spool.commit(self._durable, self.alerts.save_if_changed), grace
+            )
         except TimeoutError:
             log.warning(
                 "spool full at shutdown: the last messages stay unacknowledged;"
                 " the broker redelivers them at the next start"
             )
         await self.alerts.close()
+        if self.history is not None:
+            await self.history.close()  # a brief try; what is left goes out at next start
         await self.notifier.close()
         await self.source.close()
         with contextlib.suppress(TimeoutError):
@@ -282,6 +341,8 @@ class Daemon:
         reject: Reject | None = None
         try:
             readings = self._decoder.decode(topic, payload, received)
+            if self._registry is not None:
+                self._registry.admit(readings)  # unknown/disabled devices; calibration
             lines = [format_reading(r) for r in readings]
         except Reject as exc:
             reject = exc
@@ -311,6 +372,14 @@ class Daemon:
         if self.spool.unacked + len(self._gate) > self._max_unacked:
             self.source.pause()  # the broker holds the rest; resumed after the next commit
 
+    def _device_changed(self, before: Device | None, after: Device | None) -> None:
+        """A registry change: the device's quota from the registry applies at once."""
+        old = (before.quota_rate, before.quota_burst) if before else (None, None)
+        new = (after.quota_rate, after.quota_burst) if after else (None, None)
+        if old != new:
+            device = (after or before).id  # type: ignore[union-attr] # one is set
+            self.throttle.set_device_limits(device, *new)
+
     def _admit(self, op: int, args: tuple[Any, ...], quota: QuotaItem | None) -> None:
         if self.throttle.batched:
             self._gate.append((op, args, quota))
@@ -326,6 +395,8 @@ class Daemon:
             self.metrics.accepted.inc()
             self.spool.append(lines, ack, key, received)
             self.alerts.evaluate(readings)
+            if self.latest is not None:
+                self.latest.observe(readings)
         elif op == _REJECT:
             self.spool.reject(*args)
         else:

@@ -78,6 +78,26 @@ class Metrics:
         self.quota_devices = Gauge(
             "ingestd_quota_devices", "Devices with quota state in this process", registry=r
         )
+        self.latest_writes = Counter(
+            "ingestd_latest_writes",
+            "Writes of the latest values (one round trip each, every latest.interval)",
+            registry=r,
+        )
+        self.latest_write_errors = Counter(
+            "ingestd_latest_write_errors",
+            "Writes of the latest values that failed (Redis down or slow); the values wait",
+            registry=r,
+        )
+        self.latest_values_written = Counter(
+            "ingestd_latest_values_written",
+            "Device and field values written to the latest values",
+            registry=r,
+        )
+        self.latest_pending = Gauge(
+            "ingestd_latest_pending",
+            "Device and field values waiting for a failed write to be retried",
+            registry=r,
+        )
         self.rules_loaded = Gauge("ingestd_rules_loaded", "Alert rules in force", registry=r)
         self.rule_reloads = Counter("ingestd_rule_reloads", "Successful rule reloads", registry=r)
         self.rule_reload_errors = Counter(
@@ -167,4 +187,31 @@ class Metrics:
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)
         self.connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected to the broker", registry=r
+        )
+        # --- PostgreSQL: device registry, alert history ---
+        self.registry_devices = Gauge(
+            "ingestd_registry_devices", "Devices in the registry (as cached here)", registry=r
+        )
+        self.registry_updates = Counter(
+            "ingestd_registry_updates", "Device changes received by LISTEN/NOTIFY", registry=r
+        )
+        self.registry_registered = Counter(
+            "ingestd_registry_registered",
+            "Unknown devices registered (registry.unknown: register)",
+            registry=r,
+        )
+        self.history_written = Counter(
+            "ingestd_alert_history_written",
+            "Alert transitions written to PostgreSQL",
+            registry=r,
+        )
+        self.history_pending = Gauge(
+            "ingestd_alert_history_pending",
+            "Alert transitions waiting in the local queue for PostgreSQL",
+            registry=r,
+        )
+        self.history_errors = Counter(
+            "ingestd_alert_history_errors",
+            "Failed attempts to write alert history to PostgreSQL",
+            registry=r,
         )
