@@ -79,7 +79,8 @@ fi
 # files that make the package. The build runs in a copy, so the checkout stays clean.
 files=(pyproject.toml README.md)
 while IFS= read -r -d '' f; do files+=("${f#"$SRC"/}"); done < <(
-  find "$SRC/ingestd" -type f \( -name '*.py' -o -name py.typed \) -print0 | sort -z
+  find "$SRC/ingestd" -type f \( -name '*.py' -o -name '*.sql' -o -name py.typed \) -print0 |
+    sort -z
 )
 stamp=$(cd "$SRC" && sha256sum "${files[@]}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$OPT/source.sha256" 2>/dev/null)" = "$stamp" ] && [ -x "$VENV/bin/ingestd" ]; then
@@ -93,6 +94,14 @@ else
   echo "$stamp" >"$OPT/source.sha256"
   cp "$SRC/README.md" "$OPT/README.md"
   did "installed $("$VENV/bin/ingestd" --version) into $VENV"
+fi
+
+# `ingestd` on the admin's PATH (status, tail, devices, ...): a link, never a copy.
+LINK=$ROOT/usr/local/bin/ingestd
+if [ "$(readlink "$LINK" 2>/dev/null)" != /opt/ingestd/venv/bin/ingestd ]; then
+  mkdir -p "$(dirname "$LINK")"
+  ln -sfn /opt/ingestd/venv/bin/ingestd "$LINK"
+  did "linked /usr/local/bin/ingestd -> /opt/ingestd/venv/bin/ingestd"
 fi
 
 # --- configuration ------------------------------------------------------------------------

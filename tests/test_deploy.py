@@ -149,6 +149,20 @@ def test_installed_venv_runs_ingestd(staged: tuple[Path, Path, str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"ingestd {__version__}"
+    assert os.readlink(root / "usr/local/bin/ingestd") == EXEC_START  # on the admin's PATH
+    # Package data ships too: the schema migrations `ingestd db migrate` applies.
+    found = subprocess.run(
+        [
+            str(binary.parent / "python"),
+            "-c",
+            "from ingestd.store.postgres import LATEST; print(LATEST)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert found.returncode == 0 and int(found.stdout) >= 1, found.stderr
 
 
 def test_unit_passes_systemd_analyze_verify(staged: tuple[Path, Path, str], tmp_path: Path) -> None:
