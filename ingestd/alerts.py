@@ -45,6 +45,7 @@ _ACK_PREFIX = "alerts/ack/"
 ERROR_TOPIC = "ingestd/rules/error"
 _OUTGOING_MAX = 100_000
 _SAVE_EVERY = 0.1  # seconds: at most this often while transitions keep coming
+_SAVE_RETRY = 0.5  # seconds between attempts while the state cannot be saved
 
 Publish = Callable[[str, bytes, bool], bool]
 """(topic, payload, retain) -> whether the broker connection took it."""
@@ -214,8 +215,15 @@ class AlertStage:
             if delay > 0:
                 await asyncio.sleep(delay)
         async with self._save_lock:  # also waits for a save in flight that holds them
-            if self._dirty:
+            while self._dirty:
                 await self._save()
+                if self._dirty:  # not written (a full or failing disk): the acks wait
+                    self._health.problem(
+                        "alerts", "cannot save alert state; messages wait unacknowledged"
+                    )
+                    await asyncio.sleep(_SAVE_RETRY)
+                    continue
+                self._health.ok("alerts")
 
     async def save(self) -> None:
         """Write the engine's state now."""

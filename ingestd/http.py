@@ -116,7 +116,10 @@ class HttpServer:
         return web.json_response(self._health.report(), status=status)
 
     async def _quotas(self, request: web.Request) -> web.Response:
-        count = int(request.query.get("top", "20"))
+        try:
+            count = max(0, min(10_000, int(request.query.get("top", "20"))))
+        except ValueError:
+            return web.json_response({"error": "top must be a whole number"}, status=400)
         top = self._throttle.top(count) if self._throttle else []
         return web.json_response({"throttled": top})
 

@@ -110,6 +110,8 @@ def test_without_a_token_configured_everything_is_open() -> None:
     with serving(token_sha256=None) as served:
         assert served.get("/alerts").status == 200
         assert served.get("/latest").json() == {"devices": {}}
+        bad = served.get("/quotas?top=x")  # a bad parameter: a 400 that says why, not a 500
+        assert bad.status == 400 and "whole number" in bad.json()["error"]
 
 
 def test_latest_endpoints_answer_from_memory_and_404_names_the_unknown_device() -> None:

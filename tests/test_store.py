@@ -340,7 +340,7 @@ def test_a_new_alert_closes_a_stale_open_one(pg_url: str, tmp_path: Path) -> Non
         # The resolution of a1 was never recorded (state lost); a2 of the same rule,
         # device and field fires: one open alert per (rule, device, field) holds.
         await _hand_over(history, [_event("a1", "firing", "firing", T0 + 60)])
-        await _hand_over(history, [_event("a2", "firing", "firing", T0 + 500)])
+        await _hand_over(history, [_event("a2", "firing", "firing", T0 + 500, started_at=T0 + 400)])
         while await history.flush_once():
             pass
         await history.close()
@@ -350,6 +350,30 @@ def test_a_new_alert_closes_a_stale_open_one(pg_url: str, tmp_path: Path) -> Non
     assert [(r[0], r[1], r[4], r[6]) for r in rows] == [
         ("a1", "resolved", T0 + 500, "superseded"),
         ("a2", "firing", None, None),
+    ]
+
+
+def test_a_replayed_queue_never_closes_the_newer_alert(pg_url: str, tmp_path: Path) -> None:
+    """[A fires, A resolves, B fires] written, then written again (a crash between the
+    commit and trimming the queue): B stays open, A stays resolved."""
+    queue = [
+        _event("A", "firing", "firing", T0 + 60),
+        _event("A", "resolved", "resolved", T0 + 120),
+        _event("B", "firing", "firing", T0 + 300, started_at=T0 + 300),
+    ]
+
+    async def scenario() -> None:
+        history = await _history(pg_url, tmp_path)
+        for _ in range(2):
+            await _hand_over(history, queue)
+            while await history.flush_once():
+                pass
+        await history.close()
+
+    asyncio.run(scenario())
+    assert [(r[0], r[1], r[4], r[6]) for r in _alert_rows(pg_url)] == [
+        ("A", "resolved", T0 + 120, None),
+        ("B", "firing", None, None),
     ]
 
 
@@ -364,7 +388,10 @@ def test_history_waits_while_postgres_is_down_and_survives_a_restart(
 
     async def while_down() -> None:
         history = await _history(url, tmp_path)
-        await _hand_over(history, [_event(f"a{i}", "firing", "firing", T0 + i) for i in range(5)])
+        await _hand_over(
+            history,
+            [_event(f"a{i}", "firing", "firing", T0 + i, started_at=T0 + i) for i in range(5)],
+        )
         assert not await history.flush_once()
         assert history.pending == 5
         assert "alert_history" in str(history._health.report())
@@ -385,3 +412,75 @@ def test_history_waits_while_postgres_is_down_and_survives_a_restart(
 
     asyncio.run(after())
     assert [r[0] for r in _alert_rows(url)] == [f"a{i}" for i in range(5)]
+
+
+# --- what review found ---------------------------------------------------------------
+
+
+def test_a_bulk_change_of_thousands_of_devices_is_seen_in_full(pg_url: str, tmp_path: Path) -> None:
+    """More notifications than one batch (1000) arrive in one burst: none is dropped."""
+    _sql(pg_url, "INSERT INTO devices (id) SELECT 'd' || i FROM generate_series(1, 2500) i")
+
+    async def scenario() -> None:
+        async with _running(_registry(pg_url, tmp_path)) as registry:
+            _sql(pg_url, "UPDATE devices SET quota_rate = 7")
+
+            def all_seen() -> bool:
+                return all(d.quota_rate == 7 for d in registry.devices())
+
+            await _until(all_seen, "every device's change", within=60)
+            assert len(registry.devices()) == 2500
+
+    asyncio.run(scenario())
+
+
+def test_calibrations_at_the_ends_of_time_load(pg_url: str, tmp_path: Path) -> None:
+    """-infinity applies always, a year-3000 one never yet; neither breaks the load."""
+    _sql(pg_url, "INSERT INTO devices (id) VALUES ('esp-1')")
+    _sql(
+        pg_url,
+        'INSERT INTO calibrations (device_id, field, "offset", scale, valid_from) VALUES'
+        " ('esp-1', 'ph', 1, 1, '-infinity'), ('esp-1', 'ph', 100, 1, '3000-01-01'),"
+        " ('esp-1', 'ec', 5, 1, 'infinity')",
+    )
+
+    async def scenario() -> None:
+        registry = _registry(pg_url, tmp_path)
+        await registry.start()
+        await registry.close()
+        reading = _reading("esp-1", 6.0, T0, ec=1.0)
+        registry.admit([reading])
+        assert reading.fields["ph"] == 7.0 and reading.fields["ec"] == 1.0
+
+    asyncio.run(scenario())
+
+
+def test_history_waits_while_postgres_refuses_writes(pg_url: str, tmp_path: Path) -> None:
+    """A read-only PostgreSQL (a failover to a standby) is an outage, not a crash."""
+    database = pg_url.rsplit("/", 1)[1]
+
+    async def scenario() -> None:
+        history = await _history(pg_url, tmp_path)
+        _sql(pg_url, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await history._pool.close()  # new sessions pick the setting up
+        history._pool = open_pool(PostgresSection(url=pg_url, connect_timeout=1))
+        await history._pool.open(wait=False)
+        await _hand_over(history, [_event("r1", "firing", "firing", T0)])
+        assert not await history.flush_once()
+        assert history.pending == 1
+        report = history._health.report()
+        assert "read-only" in str(report["components"]), report
+        _sql(
+            pg_url,
+            "BEGIN READ WRITE; ALTER DATABASE"
+            f' "{database}" SET default_transaction_read_only = off; COMMIT',
+        )
+        await history._pool.close()
+        history._pool = open_pool(PostgresSection(url=pg_url, connect_timeout=1))
+        await history._pool.open(wait=False)
+        assert not await history.flush_once()  # written (and nothing more to do)
+        assert history.pending == 0
+        await history.close()
+
+    asyncio.run(scenario())
+    assert [r[0] for r in _alert_rows(pg_url)] == ["r1"]

@@ -16,9 +16,10 @@ import psycopg
 import pytest
 
 from ingestd import retention
+from ingestd.notify import pg_outbox
 from ingestd.store import commands, history, registry
 
-MODULES: tuple[ModuleType, ...] = (registry, history, commands, retention)
+MODULES: tuple[ModuleType, ...] = (registry, history, commands, retention, pg_outbox)
 
 ROWS = 100_000
 
@@ -27,6 +28,10 @@ ROWS = 100_000
 FULL_READS: dict[str, set[str]] = {
     "registry_load": {"devices"},
     "devices_list": {"devices"},
+    # `ingestd notify status`: counts by channel and state over the whole outbox.
+    "outbox_stats": {"notify_entries"},
+    # A handful of channels (breaker states), read whole at start and by notify status.
+    "outbox_channels": {"notify_channels"},
 }
 
 
@@ -62,6 +67,23 @@ def _fill(conn: psycopg.Connection[Any]) -> None:
         " FROM (SELECT i, timestamptz '2025-01-01' + i * interval '315 seconds' AS t"
         f"       FROM generate_series(0, {ROWS - 1}) i) g",
         {"open": ROWS - 300},
+    )
+    # A busy outbox: a year of delivered notifications, a few hundred pending, timers.
+    conn.execute(
+        "INSERT INTO notify_entries (key, route, channel, alert, kind, severity, event,"
+        " created_at, not_before, state, done_at, message)"
+        " SELECT 'k' || i, 'water', 'ch-' || mod(i, 5), 'a' || i, 'firing', 'warning', '{}',"
+        " 1.76e9 + i * 315, 1.76e9 + i * 315,"
+        " CASE WHEN i >= %(open)s THEN 'pending' WHEN mod(i, 50) = 0 THEN 'failed'"
+        " ELSE 'delivered' END, CASE WHEN i >= %(open)s THEN NULL ELSE 1.76e9 + i * 315 END,"
+        f" 'm' || i FROM generate_series(0, {ROWS - 1}) i",
+        {"open": ROWS - 300},
+    )
+    conn.execute(
+        "INSERT INTO notify_timers (key, alert, route, due_at, event, state)"
+        " SELECT 't' || i, 'a' || i, 'water', 1.76e9 + i * 3150, '{}',"
+        " CASE WHEN i >= 9900 THEN 'pending' WHEN i >= 9850 THEN 'fired'"
+        " ELSE 'closed' END FROM generate_series(0, 9999) i"
     )
     conn.execute("ANALYZE")
 
@@ -116,6 +138,9 @@ def test_statement_uses_an_index(volume: str, name: str, sql: str, params: dict[
         "device_add",
         "calibration_add",
         "history_upsert",
+        "outbox_add_entry",
+        "outbox_add_timer",
+        "outbox_save_channel",
     }
     if touches_rows and name not in FULL_READS:
         assert list(_indexes(plan)), f"{name}: no index in the plan:\n{plan}"

@@ -231,7 +231,10 @@ def _when(text: str | None) -> datetime:
         raise ConfigError(
             f"--from {text!r}: expected an ISO 8601 time, e.g. 2026-11-29T08:00:00Z"
         ) from None
-    return found if found.tzinfo else found.replace(tzinfo=UTC)
+    found = found if found.tzinfo else found.replace(tzinfo=UTC)
+    if not 1970 <= found.year <= 2261:
+        raise ConfigError(f"--from {text!r}: a time between 1970 and 2261, please")
+    return found
 
 
 def calibrate(settings: Settings, out: TextIO, args: Any) -> int:

@@ -71,6 +71,7 @@ UPDATE alert_events SET state = 'resolved', resolved_at = to_timestamp(%(at)s),
     reason = coalesce(reason, 'superseded'), updated_at = to_timestamp(%(at)s)
 WHERE rule = %(rule)s AND device_id = %(device)s AND field = %(field)s
   AND resolved_at IS NULL AND id <> %(id)s
+  AND started_at < to_timestamp(%(started_at)s) AND updated_at <= to_timestamp(%(at)s)
 """
 
 QUERIES: dict[str, str] = {"history_supersede": _SUPERSEDE, "history_upsert": _UPSERT}
@@ -148,15 +149,18 @@ class History:
         self._health = health
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
-            state_dir / FILENAME, isolation_level=None, check_same_thread=False
+            state_dir / FILENAME, isolation_level=None, check_same_thread=False, timeout=1.0
         )
+        # A write hung on a half-open connection must not hold the queue for long.
+        self._write_timeout = max(30.0, 6 * section.connect_timeout)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_LOCAL_SCHEMA)
         self._staged: list[bytes] = []
         self._wake = asyncio.Event()
         self._failing = False
-        pending = self._count()
+        self._pending = self._count()  # once; then kept by the writes and deletes
+        pending = self._pending
         metrics.history_pending.set(pending)
         if pending:
             log.info("alert history waiting for PostgreSQL", transitions=pending)
@@ -183,6 +187,7 @@ class History:
                 with self._lock, self._db:
                     self._db.execute("BEGIN IMMEDIATE")
                     self._db.executemany("INSERT INTO queue (row) VALUES (?)", [(r,) for r in rows])
+                    self._pending += len(rows)
             except sqlite3.Error as exc:
                 loop.call_soon_threadsafe(self._restage, rows, str(exc))
                 return False
@@ -203,34 +208,51 @@ class History:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._section.retry)
             self._wake.clear()
-            while await self.flush_once():
-                pass
+            try:
+                while await self.flush_once():
+                    pass
+            except Exception:  # a bug of ours must not end the daemon: say so, retry
+                self._health.problem("alert_history", "internal error; see the log")
+                log.exception("internal error writing alert history; retrying")
 
     async def flush_once(self) -> bool:
         """Write one batch from the local queue; True when there may be more."""
-        batch = await asyncio.to_thread(self._read, self._section.history_batch)
+        try:
+            batch = await asyncio.to_thread(self._read, self._section.history_batch)
+        except sqlite3.Error as exc:
+            self._health.problem("alert_history", f"the local queue cannot be read: {exc}")
+            log.error("alert history queue cannot be read; retrying", error=str(exc))
+            return False
         if not batch:
             self._metrics.history_pending.set(0)
             return False
         last = batch[-1][0]
         rows = [orjson.loads(blob) for _, blob in batch]
         try:
-            skipped = await self._write(rows)
-        except (psycopg.OperationalError, PoolTimeout, OSError) as exc:
+            async with asyncio.timeout(self._write_timeout):
+                skipped = await self._write(rows)
+        except (psycopg.Error, PoolTimeout, OSError, TimeoutError) as exc:
+            # Down, read-only (a failover), refusing: either way the queue keeps it.
             self._metrics.history_errors.inc()
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not self._failing:
                 log.warning(
-                    "PostgreSQL unreachable; alert history waits in the local queue", error=why
+                    "cannot write alert history to PostgreSQL; it waits in the local queue",
+                    error=why,
                 )
             self._failing = True
             self._health.problem(
-                "alert_history", f"PostgreSQL unreachable, {self._count()} transitions queued"
+                "alert_history",
+                f"cannot write to PostgreSQL ({why}); {self._pending} transitions queued",
             )
             return False
-        await asyncio.to_thread(self._forget, last)
+        try:
+            await asyncio.to_thread(self._forget, last, len(batch))
+        except sqlite3.Error as exc:  # written twice later: harmless (idempotent upserts)
+            log.error("alert history queue cannot be trimmed", error=str(exc))
+            return False
         self._metrics.history_written.inc(len(rows) - skipped)
-        pending = await asyncio.to_thread(self._count)
+        pending = self._pending
         self._metrics.history_pending.set(pending)
         if self._failing:
             self._failing = False
@@ -280,9 +302,10 @@ class History:
                 "SELECT id, row FROM queue ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
 
-    def _forget(self, last: int) -> None:
+    def _forget(self, last: int, count: int) -> None:
         with self._lock, self._db:
             self._db.execute("DELETE FROM queue WHERE id <= ?", (last,))
+            self._pending = max(0, self._pending - count)
 
     def _count(self) -> int:
         with self._lock:
@@ -291,7 +314,7 @@ class History:
 
     @property
     def pending(self) -> int:
-        return self._count()
+        return self._pending
 
     async def close(self, grace: float = 2.0) -> None:
         """Try to write what is queued (briefly); what is left goes out at the next start."""

@@ -80,6 +80,13 @@ def conninfo(section: PostgresSection) -> dict[str, Any]:
         "conninfo": section.url,
         "connect_timeout": max(1, round(section.connect_timeout)),
         "application_name": "ingestd",
+        # A server that vanished without a word (a cut network) is noticed in about a
+        # minute, not after the kernel's 15: keepalives, and a bound on unacknowledged sends.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 60_000,
     }
     if section.password is not None:
         kwargs["password"] = section.password.get_secret_value()
@@ -103,7 +110,10 @@ def open_pool(section: PostgresSection) -> AsyncConnectionPool:
         min_size=section.pool_min,
         max_size=section.pool_max,
         timeout=section.connect_timeout,
-        reconnect_timeout=0,  # never give up: the daemon runs degraded meanwhile
+        # Background refills keep trying for a day; a request grows the pool on demand
+        # anyway, so the pool never stays empty while the daemon runs degraded.
+        reconnect_timeout=86400,
+        check=AsyncConnectionPool.check_connection,  # a connection dead since a restart
         open=False,
         name="ingestd",
     )

@@ -59,7 +59,8 @@ _DEVICE_SELECT = """
 SELECT d.id, d.site_id, d.kind, d.enabled, d.quota_rate, d.quota_burst,
        coalesce(
            (SELECT json_agg(json_build_array(c.id, c.field, c."offset", c.scale,
-                                             (extract(epoch FROM c.valid_from) * 1e9)::bigint)
+                                             greatest(-9.2e18, least(9.2e18,
+                                                 extract(epoch FROM c.valid_from) * 1e9))::bigint)
                             ORDER BY c.valid_from)
               FROM calibrations c WHERE c.device_id = d.id),
            '[]') AS calibrations
@@ -178,7 +179,6 @@ class Registry:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._policy = section.unknown
         self._register: dict[str, None] = {}
-        self._register_ready = asyncio.Event()
         self.schema_error: str | None = None
 
     # --- the hot path -----------------------------------------------------------------
@@ -198,10 +198,9 @@ class Registry:
                     f"device {name!r} is not in the registry (registry.unknown: reject);"
                     f" add it with: ingestd devices add {name}",
                 )
-            self._devices[name] = Device(name)  # register: accepted from now on
-            if len(self._register) < _MAX_REGISTER:
+            if len(self._register) < _MAX_REGISTER:  # else: accepted, registered later
+                self._devices[name] = Device(name)  # accepted from now on
                 self._register[name] = None
-                self._register_ready.set()
             return
         if not device.enabled:
             raise Reject(
@@ -235,6 +234,12 @@ class Registry:
                 await conn.execute(f"LISTEN {CHANNEL}")  # before loading: nothing missed
                 await self._check_schema(conn, raise_error=True)
                 await self._load(conn)
+            except psycopg.Error as exc:  # a refused query: the copy serves, run() retries
+                await conn.close()
+                log.error("cannot load the registry from PostgreSQL", error=_reason(exc))
+                self._health.problem("postgres", f"registry not loaded: {_reason(exc)}")
+                self._read_cache()
+                return
             except BaseException:
                 await conn.close()
                 raise
@@ -276,7 +281,7 @@ class Registry:
     async def _load(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cursor = await conn.execute(QUERIES["registry_load"])
         rows = await cursor.fetchall()
-        fresh = {device.id: device for device in map(Device.of, rows)}
+        fresh = await asyncio.to_thread(_devices_of, rows)  # 100k devices: seconds of CPU
         old, self._devices = self._devices, fresh
         self.loaded = True
         # Devices registered here but not yet written stay accepted.
@@ -285,7 +290,7 @@ class Registry:
         self._changed(old, fresh, set(old) | set(fresh))
         self._metrics.registry_devices.set(len(fresh))
         log.info("device registry loaded", devices=len(fresh))
-        await asyncio.to_thread(self._write_cache)
+        await self._save_cache()
 
     def _changed(
         self, old: dict[str, Device], new: dict[str, Device], names: Iterable[str]
@@ -317,10 +322,14 @@ class Registry:
         self._metrics.registry_devices.set(len(self._devices))
         log.info("device registry loaded from its copy", devices=len(self._devices))
 
-    def _write_cache(self) -> None:
+    async def _save_cache(self) -> None:
         if not self._section.cache:
             return
-        data = orjson.dumps([device.to_row() for device in self._devices.values()])
+        rows = [device.to_row() for device in list(self._devices.values())]  # on the loop
+        await asyncio.to_thread(self._write_cache, rows)
+
+    def _write_cache(self, rows: list[list[Any]]) -> None:
+        data = orjson.dumps(rows)
         tmp = self._cache.with_suffix(".tmp")
         try:
             with tmp.open("wb") as handle:
@@ -352,6 +361,9 @@ class Registry:
                 why = _reason(exc)
                 self._health.problem("postgres", f"unreachable, registry cached: {why}")
                 log.warning("PostgreSQL connection lost; registry cached, retrying", error=why)
+            except Exception as exc:  # a bug of ours must not end the daemon: say so, retry
+                self._health.problem("postgres", f"registry error: {type(exc).__name__}: {exc}")
+                log.exception("internal error in the registry; retrying")
             await asyncio.sleep(self._postgres.retry)
 
     async def close(self) -> None:
@@ -362,10 +374,9 @@ class Registry:
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             changed: set[str] = set()
-            async for notify in conn.notifies(timeout=0.5):
+            # stop_after, never break: a break would drop the rest of a packet's notifies.
+            async for notify in conn.notifies(timeout=0.5, stop_after=1000):
                 changed.add(notify.payload)
-                if len(changed) >= 1000:
-                    break
             if changed:
                 await self._reload(conn, changed)
             if self._register:
@@ -386,7 +397,7 @@ class Registry:
         self._metrics.registry_devices.set(len(self._devices))
         self._metrics.registry_updates.inc(len(names))
         log.info("device registry updated", devices=sorted(names)[:20], count=len(names))
-        await asyncio.to_thread(self._write_cache)
+        await self._save_cache()
 
     async def _register_new(self, conn: psycopg.AsyncConnection[Any]) -> None:
         names = list(self._register)
@@ -395,6 +406,10 @@ class Registry:
             self._register.pop(name, None)
         self._metrics.registry_registered.inc(len(names))
         log.info("devices registered", devices=names[:20], count=len(names))
+
+
+def _devices_of(rows: Sequence[Sequence[Any]]) -> dict[str, Device]:
+    return {device.id: device for device in map(Device.of, rows)}
 
 
 def _calibrate(device: Device, reading: Reading) -> None:
