@@ -666,6 +666,9 @@ class NotifyRoute(Section):
 class NotifySection(Section):
     """Notifications of alert events through Apprise (ingestd/notify/, README "Notifications")."""
 
+    outbox: Literal["local", "postgres"] = "local"
+    """Where notifications wait: ``local`` (spool dir) or ``postgres`` (shared by every
+    instance, one of which delivers; the local outbox serves while PostgreSQL is down)."""
     workers: int = Field(default=4, ge=2, le=64)
     """Threads that call Apprise, apart from everything else."""
     channel_concurrency: int = Field(default=1, ge=1, le=63)
@@ -890,6 +893,8 @@ class Settings(BaseSettings):
     def _needs(self) -> Settings:
         if self.quotas.backend == "redis" and not self.redis.url:
             raise ValueError("quotas.backend redis needs redis.url (e.g. redis://127.0.0.1:6379/0)")
+        if self.notify.outbox == "postgres" and not self.postgres.url:
+            raise ValueError("notify.outbox postgres needs postgres.url (or notify.outbox: local)")
         if self.registry.unknown != "accept" and not self.postgres.url:
             raise ValueError(
                 f"registry.unknown {self.registry.unknown} needs the device registry:"

@@ -38,7 +38,9 @@ from ingestd.lineproto import format_reading
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
 from ingestd.model import Reject
-from ingestd.notify import Notifier
+from ingestd.notify import Notifier, Outbox, SqliteOutbox
+from ingestd.notify.outbox import FILENAME as OUTBOX_FILE
+from ingestd.notify.pg_outbox import PostgresOutbox
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
@@ -99,7 +101,13 @@ class Daemon:
             extra_filters=[ACK_FILTER],
         )
         settings.spool.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.notifier = Notifier(settings.notify, settings.spool.dir, self.metrics, self.health)
+        self.notifier = Notifier(
+            settings.notify,
+            settings.spool.dir,
+            self.metrics,
+            self.health,
+            outbox=self._outbox(),
+        )
         self.pool: AsyncConnectionPool | None = None
         self.history: History | None = None
         self.registry: Registry | None = None
@@ -371,6 +379,22 @@ class Daemon:
             self._admit(_APPEND, (lines, ack, key, received, readings), quota)
         if self.spool.unacked + len(self._gate) > self._max_unacked:
             self.source.pause()  # the broker holds the rest; resumed after the next commit
+
+    def _outbox(self) -> Outbox | None:
+        """The shared outbox in PostgreSQL when configured; None: the local one."""
+        settings = self.settings
+        if settings.notify.outbox != "postgres":
+            return None
+        health = self.health
+
+        def state(problem: str | None) -> None:
+            if problem is None:
+                health.ok("notify_outbox", "in PostgreSQL")
+            else:
+                health.problem("notify_outbox", problem)
+
+        local = SqliteOutbox(settings.spool.dir / OUTBOX_FILE)
+        return PostgresOutbox(settings.postgres, local, on_state=state)
 
     def _device_changed(self, before: Device | None, after: Device | None) -> None:
         """A registry change: the device's quota from the registry applies at once."""

@@ -15,15 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 
-from ingestd.config import Settings
+from ingestd.config import Settings, mask_url
 from ingestd.errors import ConfigError
 from ingestd.notify.channels import Channel, silence_apprise
 from ingestd.notify.messages import message_ref, render
-from ingestd.notify.outbox import FILENAME, ChannelRecord, ChannelStats, SqliteOutbox
+from ingestd.notify.outbox import FILENAME, ChannelRecord, ChannelStats, Outbox, SqliteOutbox
+from ingestd.notify.pg_outbox import PostgresOutbox
 from ingestd.notify.routes import Router
 
 __all__ = ["send_test", "show_status"]
@@ -101,10 +103,16 @@ class _Row:
 def show_status(settings: Settings, out: TextIO, *, as_json: bool = False) -> int:
     path = settings.spool.dir / FILENAME
     section = settings.notify
-    if not path.exists():
+    store: Outbox
+    if section.outbox == "postgres":
+        # The shared outbox, with this gateway's local one (used while PostgreSQL is down).
+        local = SqliteOutbox(path if path.exists() else Path(":memory:"), readonly=path.exists())
+        store = PostgresOutbox(settings.postgres, local, readonly=True)
+    elif not path.exists():
         out.write(f"no outbox at {path}: no notification was queued yet\n")
         return 0
-    store = SqliteOutbox(path, readonly=True)
+    else:
+        store = SqliteOutbox(path, readonly=True)
     try:
         stats = store.stats()
         records = {r.name: r for r in store.channel_records()}
@@ -141,9 +149,14 @@ def show_status(settings: Settings, out: TextIO, *, as_json: bool = False) -> in
         )
     pending = sum(r.pending for r in rows)
     failed = sum(r.failed for r in rows)
+    where = str(path)
+    if section.outbox == "postgres":
+        where = (
+            f"PostgreSQL {mask_url(settings.postgres.url or '')} (local while it is down: {path})"
+        )
     if as_json:
         report = {
-            "outbox": str(path),
+            "outbox": where,
             "pending": pending,
             "failed": failed,
             "escalation_timers": stats.timers_pending,
@@ -168,7 +181,7 @@ def show_status(settings: Settings, out: TextIO, *, as_json: bool = False) -> in
     ages = [r.oldest_pending_s for r in rows if r.oldest_pending_s is not None]
     oldest_text = f", oldest pending {_age(max(ages))}" if ages else ""
     out.write(
-        f"outbox {path}: {pending} pending, {failed} failed{oldest_text}; "
+        f"outbox {where}: {pending} pending, {failed} failed{oldest_text}; "
         f"{stats.timers_pending} escalation timers waiting\n"
     )
     out.write(
