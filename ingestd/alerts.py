@@ -6,10 +6,14 @@ alert's current state is kept retained on ``alerts/state/<site>/<device>/<rule>/
 picture. Operators acknowledge by publishing to ``alerts/ack/<alert id>`` (the payload says
 who) or with ``ingestd alerts ack ID``.
 
-The engine's state is saved to ``<spool dir>/alerts.json`` after every change, so a restart
-neither re-fires nor forgets an alert. Rules reload on SIGHUP and when a rule file changes:
-everything is validated first; an invalid change keeps the old rules, logs the exact
-problems and publishes them on ``ingestd/rules/error``.
+What a transition changed (the open, pending and recently changed alerts) is saved to
+``<spool dir>/alerts.recent.json`` before the messages that caused it are acknowledged, and
+the whole state (latest values, deadman clocks) to ``alerts.json`` every few seconds; a
+restart lays the first over the second, so it neither re-fires nor forgets an alert.
+
+Rules reload on SIGHUP and when a rule file changes: everything is validated first; an
+invalid change keeps the old rules, logs the exact problems and publishes them on
+``ingestd/rules/error``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ ERROR_TOPIC = "ingestd/rules/error"
 _OUTGOING_MAX = 100_000
 _SAVE_EVERY = 0.1  # seconds: at most this often while transitions keep coming
 _SAVE_RETRY = 0.5  # seconds between attempts while the state cannot be saved
+_FULL_EVERY = 5.0  # seconds: the whole state (latest values, deadman clocks) at most this often
 
 Publish = Callable[[str, bytes, bool], bool]
 """(topic, payload, retain) -> whether the broker connection took it."""
@@ -68,13 +73,20 @@ class AlertStage:
         self._notifier = notifier
         self._history = history
         self._state_file = state_dir / "alerts.json"
+        # The alerts a transition changed, saved at every transition (cheap), laid over
+        # the full state, saved every _FULL_EVERY (its cost grows with the fleet).
+        self._recent_file = state_dir / "alerts.recent.json"
         self._metrics = metrics
         self._health = health
         self._publish = publish
         self._clock = clock
         self._outgoing: deque[tuple[str, bytes, bool]] = deque()
         self._dirty = False
+        """A transition since the last save (of either kind)."""
+        self._stale = False
+        """Readings or transitions since the last full save."""
         self._saved_at = 0.0
+        self._full_at = time.monotonic()
         self._save_lock = asyncio.Lock()
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
         self._evaluations = 0
@@ -95,10 +107,16 @@ class AlertStage:
 
     def _restore(self) -> None:
         try:
-            snapshot = orjson.loads(self._state_file.read_bytes())
-            self.engine = Engine.restore(self.engine.ruleset, snapshot, self._clock)
-        except FileNotFoundError:
-            return
+            recent: dict[str, Any] | None = None
+            with contextlib.suppress(FileNotFoundError):
+                recent = orjson.loads(self._recent_file.read_bytes())
+            try:
+                snapshot = orjson.loads(self._state_file.read_bytes())
+            except FileNotFoundError:
+                if recent is None:
+                    return
+                snapshot = {**recent, "at": 0.0, "states": []}  # killed before a full save
+            self.engine = Engine.restore(self.engine.ruleset, snapshot, self._clock, recent=recent)
         except (SnapshotError, orjson.JSONDecodeError) as exc:
             log.error("alert state unreadable; starting without it", error=str(exc))
             return
@@ -108,6 +126,7 @@ class AlertStage:
     # --- input --------------------------------------------------------------------------
 
     def evaluate(self, readings: Sequence[Reading]) -> None:
+        self._stale = True
         engine = self.engine
         for reading in readings:
             try:
@@ -191,8 +210,10 @@ class AlertStage:
             if events:
                 self._emit(events)
             self._flush()
-            if self._dirty:
+            if self._stale and time.monotonic() >= self._full_at + _FULL_EVERY:
                 await self.save()
+            elif self._dirty:
+                await self.save_if_changed()
             evaluations = self.engine.stats.evaluations
             self._metrics.rule_evaluations.inc(max(0, evaluations - self._evaluations))
             self._evaluations = evaluations
@@ -216,7 +237,7 @@ class AlertStage:
                 await asyncio.sleep(delay)
         async with self._save_lock:  # also waits for a save in flight that holds them
             while self._dirty:
-                await self._save()
+                await self._save(full=False)
                 if self._dirty:  # not written (a full or failing disk): the acks wait
                     self._health.problem(
                         "alerts", "cannot save alert state; messages wait unacknowledged"
@@ -226,24 +247,29 @@ class AlertStage:
                 self._health.ok("alerts")
 
     async def save(self) -> None:
-        """Write the engine's state now."""
+        """Write the engine's whole state now."""
         async with self._save_lock:
-            await self._save()
+            await self._save(full=True)
 
-    async def _save(self) -> None:
+    async def _save(self, *, full: bool) -> None:
         """Saves run one at a time, in order, in their own thread, so a cancelled or
         overlapping save can never put an older state in place."""
         self._dirty = False
         self._saved_at = time.monotonic()
-        data = orjson.dumps(self.engine.snapshot())
+        if full:
+            self._stale = False
+            self._full_at = self._saved_at
+        data = orjson.dumps(self.engine.snapshot(essential=not full))
         writes = [
             write
             for handoff in (self._notifier, self._history)
             if handoff is not None and (write := handoff.take()) is not None
         ]
+        path = self._state_file if full else self._recent_file
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._saver, _save, self._state_file, data, writes):
+        if not await loop.run_in_executor(self._saver, _save, path, data, writes):
             self._dirty = True  # try again at the next turn
+            self._stale = self._stale or full
 
     async def reload(self, why: str) -> bool:
         """Validate everything, then swap; keep the old rules when anything is wrong."""

@@ -26,7 +26,7 @@ def test_a_failing_save_holds_the_acks_until_it_succeeds(tmp_path: Path) -> None
     (rules / "r.yaml").write_text(RULE)
     state = tmp_path / "state"
     state.mkdir()
-    blocker = state / "alerts.tmp"
+    blocker = state / "alerts.recent.tmp"
     blocker.mkdir()  # the atomic write's temporary file cannot be created: saves fail
 
     async def scenario() -> None:
@@ -37,10 +37,10 @@ def test_a_failing_save_holds_the_acks_until_it_succeeds(tmp_path: Path) -> None
         await asyncio.sleep(1.5)
         assert not waiting.done(), "acks must wait while the transition is not saved"
         assert "cannot save alert state" in str(health.report())
-        assert not (state / "alerts.json").exists()
+        assert not (state / "alerts.recent.json").exists()
         blocker.rmdir()  # the disk recovers
         await asyncio.wait_for(waiting, 10)
-        assert b"ph_high" in (state / "alerts.json").read_bytes()
+        assert b"ph_high" in (state / "alerts.recent.json").read_bytes()
         assert health.healthy
         await stage.close()
 

@@ -845,3 +845,40 @@ def test_timers_are_not_polled(tmp_path: Path) -> None:
         farm.clock.now = T0 + second
         assert farm.engine.tick() == []
     assert farm.engine.stats.timers == timers  # nothing due, nothing visited
+
+
+def test_an_essential_snapshot_laid_over_an_older_full_one(tmp_path: Path) -> None:
+    """Saved at every transition: only the alerts that matter, laid over the last full
+    snapshot at restore; an alert that ended in between stays ended."""
+    ruleset = rules(
+        tmp_path,
+        """
+        rules:
+          - name: ph_high
+            select: {measurement: reservoir, field: ph}
+            above: 7.0
+        """,
+    )
+    farm = Farm(ruleset)
+    farm.send(7.5, at=0, device="a")
+    farm.send(7.5, at=0, device="b")
+    full = farm.engine.snapshot()
+    farm.send(6.5, at=10, device="b")  # b ends
+    farm.send(7.5, at=10, device="c")  # c starts
+    recent = farm.engine.snapshot(essential=True)
+    assert {s["device"] for s in recent["states"]} == {"a", "b", "c"}  # b: a recent change
+
+    restored = Engine.restore(ruleset, full, farm.clock, recent=recent)
+    assert sorted(a.device for a in restored.firing()) == ["a", "c"]
+    assert restored.tick() == []  # nothing announced again, nothing ended twice
+
+    # an essential snapshot older than the full one is ignored
+    farm.send(6.5, at=20, device="c")
+    newer_full = farm.engine.snapshot()
+    restored = Engine.restore(ruleset, newer_full, farm.clock, recent=recent)
+    assert sorted(a.device for a in restored.firing()) == ["a"]
+    # no alert in a newer essential snapshot: every alert of the full one ended meanwhile
+    nothing = {**recent, "at": newer_full["at"] + 1, "states": []}
+    restored = Engine.restore(ruleset, newer_full, farm.clock, recent=nothing)
+    assert restored.firing() == []
+    assert restored.tick() == []  # their ends were announced before: not again

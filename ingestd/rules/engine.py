@@ -828,12 +828,21 @@ class Engine:
 
     # --- snapshot and restore -------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything needed to carry on after a restart, as JSON-serialisable data."""
+    def snapshot(self, *, essential: bool = False) -> dict[str, Any]:
+        """Everything needed to carry on after a restart, as JSON-serialisable data.
+
+        ``essential``: only the states of alerts that are open, pending or recently
+        changed: what a transition changed, cheap enough to save after every one; restored
+        over the last full snapshot (``recent`` of :meth:`restore`)."""
+        now = self._now()
+        states: Iterable[_State] = self._states.values()
+        if essential:
+            states = [s for s in states if _essential(s, now)]
         return {
             "version": SNAPSHOT_VERSION,
-            "at": self._now(),
-            "states": [_dump_state(state) for state in self._states.values()],
+            "at": now,
+            "essential": essential,
+            "states": [_dump_state(state) for state in states],
         }
 
     @classmethod
@@ -842,6 +851,8 @@ class Engine:
         ruleset: RuleSet,
         snapshot: dict[str, Any],
         now: Callable[[], float] = time.time,
+        *,
+        recent: dict[str, Any] | None = None,
         **options: Any,
     ) -> Engine:
         """An engine that carries on from ``snapshot``: firing alerts stay firing without a
@@ -857,7 +868,7 @@ class Engine:
             )
         at = engine._start
         try:
-            for data in snapshot.get("states", []):
+            for data in _overlay(snapshot, recent):
                 rule = engine._by_name.get(data["rule"])
                 if rule is None or rule.identity != data["identity"]:
                     engine._queued.extend(
@@ -876,6 +887,46 @@ class Engine:
 
 
 # --- snapshot format ----------------------------------------------------------------------
+
+
+def _essential(state: _State, now: float) -> bool:
+    """Whether a state carries more than its latest values: an open or pending alert,
+    flapping, or a change recent enough to count towards flapping."""
+    return (
+        state.alert is not None
+        or state.flapping
+        or any(since is not None for since in state.latched)
+        or bool(state.changes and state.changes[-1] >= now - state.rule.flapping.window)
+    )
+
+
+def _overlay(snapshot: dict[str, Any], recent: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The states of a full snapshot with a newer essential one laid over it: a state in
+    ``recent`` replaces its older self; an alert open in the full snapshot but not in the
+    newer one ended in between (its end was announced then): it is closed here too."""
+    states: list[dict[str, Any]] = list(snapshot.get("states", []))
+    if (
+        not isinstance(recent, dict)
+        or recent.get("version") != SNAPSHOT_VERSION
+        or float(recent.get("at", 0.0)) < float(snapshot.get("at", 0.0))
+    ):
+        return states
+    fresh = {(d["rule"], d["device"], d["field"]): d for d in recent.get("states", [])}
+    merged = []
+    for data in states:
+        if (data["rule"], data["device"], data["field"]) in fresh:
+            continue
+        if data.get("alert") is not None or data.get("latched") or data.get("flapping"):
+            ended: dict[str, Any] = {
+                "alert": None,
+                "latched": {},
+                "measured": {},
+                "flapping": False,
+            }
+            merged.append({**data, **ended})
+        else:
+            merged.append(data)
+    return merged + list(fresh.values())
 
 
 def _dump_instance(state: _State, inst: _Instance | None) -> dict[str, Any] | None:
