@@ -14,7 +14,7 @@ DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-met
                 python3-venv systemd
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test lint run bench clean
+.PHONY: setup system-packages test lint run bench bench-quick clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -49,13 +49,14 @@ lint: setup
 run: setup
 	deploy/run-local.sh
 
-# Throughput and memory against references measured in the same run (bench/README.md);
-# BENCH_ARGS=--quick for a short run.
+# The benchmark suite, every figure next to a reference measured in the same run
+# (bench/README.md); results in bench/results/. QUICK=1 (or bench-quick): about two minutes.
+# More options with BENCH_ARGS, e.g. BENCH_ARGS='--profile --rates 8000,12000'.
 bench: setup
-	$(BIN)/python bench/quota_micro.py
-	$(BIN)/python bench/rules_micro.py
-	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
-	$(BIN)/python bench/alerts.py
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-quick: setup
+	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

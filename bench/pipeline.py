@@ -1,50 +1,41 @@
-"""Benchmark the ingestion pipeline against a private broker and a real VictoriaMetrics.
+"""The benchmark's moving parts: the publisher processes, the consumers under test
+(``mosquitto_sub``, ``ingestd run``, the prototype's design) and the measurement of one step.
 
-One run, one broker, one publisher load (several ``Fleet`` processes, 10,000 devices, QoS 1):
-
-1. zero-loss sustained throughput at rising offered rates, for ``mosquitto_sub`` (the broker's
-   own ceiling) and for ``ingestd run`` (readings that landed in VictoriaMetrics);
-2. ingestd's RSS after a million messages (200k with --quick) at a rate it keeps up with.
-
-    .venv/bin/python bench/pipeline.py [--quick]
-
-Prints a Markdown summary and writes every raw number to bench/results/pipeline-<UTC>.json.
-See bench/README.md for how to read the figures.
+bench/run.py puts them together into the scenarios (see bench/README.md). Every consumer
+reads the same kind of subscription on the same private broker, fed by the same publishers:
+``Fleet`` processes (ingestd.simulate) that split the devices, the rate and the count, QoS 1,
+JSON readings with 5 fields and ``seq``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's server launchers
 
 from daemon import DaemonProcess, daemon_config  # noqa: E402
+from profiling import Profiler  # noqa: E402
 from services import Mosquitto, VictoriaMetrics, find_binary, http_request  # noqa: E402
 
 from ingestd import __version__  # noqa: E402
 from ingestd.simulate import Fleet  # noqa: E402
 
-DEVICES = 10_000
 SITES = 10
 WARM_AGE = 2 * 3600  # seconds: warm-up samples lie outside every count window
 HOLD = 0.95  # achieved / offered for a rate to hold
@@ -54,22 +45,22 @@ max_queued_messages 1000000
 # The harness autosaves every second; Debian's broker (and mosquitto's default) every 30 min.
 autosave_interval 1800
 """
-SHARED_CPU = (
-    "Publishers, broker, consumer and VictoriaMetrics share the machine's {cpus} cores "
-    "(as on a farm gateway); consumers run one at a time."
+FIELDS = ("ph", "ec", "water_temp", "air_temp", "humidity")  # the simulator's basic fields
+PACKAGES = (
+    "paho-mqtt",
+    "aiomqtt",
+    "influxdb-client",
+    "orjson",
+    "pydantic",
+    "apprise",
+    "aiohttp",
+    "prometheus-client",
+    "structlog",
+    "matplotlib",
 )
 
 
-@dataclass
-class DeviceSlice(Fleet):
-    """One publisher process's share of the fleet: devices ``first`` .. ``first+devices-1``."""
-
-    first: int = 0
-
-    def topics(self) -> Iterator[tuple[int, str]]:
-        for index in range(self.devices):
-            device = self.first + index
-            yield index, f"{self.prefix}/site{device % self.sites + 1}/esp32-{device:05d}/reservoir"
+# --- load -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -86,9 +77,7 @@ class Job:
 def publish_slice(job: Job) -> tuple[int, float, float]:
     """Pool worker: wait for the common start, publish; (sent, started, all acked)."""
     time.sleep(max(0.0, job.start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide
-    fleet = DeviceSlice(
-        job.url, devices=job.devices, sites=SITES, prefix=job.prefix, first=job.first
-    )
+    fleet = Fleet(job.url, devices=job.devices, sites=SITES, prefix=job.prefix, first=job.first)
     started = time.monotonic()
     sent = fleet.run(rate=job.rate, count=job.count)
     return sent, started, time.monotonic()
@@ -100,20 +89,21 @@ _IGNORE_SIGINT = (signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to ha
 class Publisher:
     """A pool of publisher processes that split the devices, the rate and the count."""
 
-    def __init__(self, url: str, processes: int) -> None:
+    def __init__(self, url: str, processes: int, devices: int) -> None:
         self.url = url
-        self.processes = processes
+        self.processes = min(processes, devices)
+        self.devices = devices
         context = multiprocessing.get_context("spawn")
-        self.pool = context.Pool(processes, initializer=signal.signal, initargs=_IGNORE_SIGINT)
+        self.pool = context.Pool(self.processes, initializer=signal.signal, initargs=_IGNORE_SIGINT)
         try:
-            self.pool.map(time.sleep, [0.5] * processes)  # every worker imported and idle
+            self.pool.map(time.sleep, [0.5] * self.processes)  # every worker imported and idle
         except BaseException:
             self.close()
             raise
 
     def start(self, prefix: str, rate: float, count: int) -> AsyncResult[Any]:
         n = self.processes
-        per, start_at = DEVICES // n, time.monotonic() + 0.3
+        per, start_at = self.devices // n, time.monotonic() + 0.3
         jobs = [
             Job(self.url, prefix, i * per, per, rate / n, count // n + (i < count % n), start_at)
             for i in range(n)
@@ -125,12 +115,70 @@ class Publisher:
         self.pool.join()
 
 
+def warm_series(vm: VictoriaMetrics, farm: str, devices: int) -> None:
+    """Create the fleet's series in VictoriaMetrics, as a fleet that has been reporting for a
+    while would have: a first write of 10,000 new devices costs VM ~15x a warm one here."""
+    stamp = time.time_ns() - WARM_AGE * 10**9
+    fields = ",".join(f"{f}=0" for f in ("seq", *FIELDS)).replace("seq=0", "seq=-1")
+    vm.write(
+        "\n".join(
+            f"reservoir,device=esp32-{d:05d},farm={farm},site=site{d % SITES + 1} {fields} {stamp}"
+            for d in range(devices)
+        )
+    )
+
+
+def count_stored(vm: VictoriaMetrics, farm: str, since: float, function: str) -> int:
+    """``count_over_time`` (samples) or ``distinct_over_time`` (distinct device+seq) of the
+    readings of ``farm`` that VictoriaMetrics holds, written after ``since`` (epoch s)."""
+    window = round(time.time() - since) + 60  # this run's readings, not the warm-up
+    assert window < WARM_AGE, "the run outlasted the warm-up's age"
+    selector = f'reservoir_seq{{farm="{farm}"}}[{window}s]'
+    query = urllib.parse.urlencode(
+        # nocache and a time just ahead of now, or VM answers from before the newest rows.
+        {"query": f"sum({function}({selector}))", "time": time.time() + 1, "nocache": 1}
+    )
+    response = http_request("GET", f"{vm.url}/api/v1/query?{query}")
+    result = response.json()["data"]["result"]
+    return int(float(result[0]["value"][1])) if result else 0
+
+
+def stored(
+    vm: VictoriaMetrics, farm: str, since: float, expected: int, timeout: float = 20
+) -> tuple[int, int]:
+    """(samples, distinct readings) of ``farm`` in VictoriaMetrics, once ``expected`` are
+    there or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        vm.flush()
+        total = count_stored(vm, farm, since, "count_over_time")
+        distinct = count_stored(vm, farm, since, "distinct_over_time")
+        if total >= expected or time.monotonic() > deadline:
+            return total, distinct
+        time.sleep(0.2)
+
+
+# --- consumers ------------------------------------------------------------------------------
+
+
+class Consumer(Protocol):
+    name: str
+    prefix: str
+
+    def progress(self) -> tuple[int, float]:
+        """(messages received or stored so far, CLOCK_MONOTONIC of the last one)."""
+        ...
+
+    def close(self) -> dict[str, Any]:
+        """Stop; what the consumer said about the run."""
+        ...
+
+
 class SubConsumer:
     """``mosquitto_sub -q 1 -c``: counts lines on a reader thread, with the time of the last."""
 
-    name = "mosquitto_sub"
-
-    def __init__(self, broker: Mosquitto, prefix: str) -> None:
+    def __init__(self, broker: Mosquitto, prefix: str, name: str = "mosquitto_sub") -> None:
+        self.name, self.prefix = name, prefix
         command = f"-h {broker.host} -p {broker.port} -q 1 -c -i bench-{prefix} -t {prefix}/#"
         self.process = subprocess.Popen(
             [find_binary("mosquitto_sub"), *command.split()],
@@ -174,44 +222,154 @@ class SubConsumer:
         return {}
 
 
-def warm_series(vm: VictoriaMetrics, farm: str) -> None:
-    """Create the fleet's series in VictoriaMetrics, as a fleet that has been reporting for a
-    while would have: a first write of 10,000 new devices costs VM ~15x a warm one here."""
-    stamp = time.time_ns() - WARM_AGE * 10**9
-    fields = "seq=-1,ph=0,ec=0,water_temp=0,air_temp=0,humidity=0"
-    vm.write(
-        "\n".join(
-            f"reservoir,device=esp32-{d:05d},farm={farm},site=site{d % SITES + 1} {fields} {stamp}"
-            for d in range(DEVICES)
+class PrototypeConsumer:
+    """bench/prototype.py (one synchronous influxdb-client write per message) as a
+    subprocess; progress is its own count of successful writes."""
+
+    def __init__(
+        self,
+        broker: Mosquitto,
+        vm: VictoriaMetrics,
+        prefix: str,
+        influx_url: str,
+        *,
+        name: str,
+        devices: int = 10_000,
+    ) -> None:
+        self.name, self.vm, self.prefix = name, vm, prefix
+        warm_series(vm, prefix, devices)  # as for ingestd: VM's cost of new series is not its
+        self.since = time.time()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "bench" / "prototype.py"),
+                f"--mqtt={broker.url}",
+                f"--topic={prefix}/#",
+                f"--influx={influx_url}",
+                f"--client-id=prototype-{prefix}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            cwd=REPO,
         )
-    )
+        self.state = (0, time.monotonic())
+        self.errors: list[str] = []
+        self.subscribed = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_errors, daemon=True).start()
+        if not self.subscribed.wait(20):
+            self.close()
+            raise RuntimeError(f"the prototype did not subscribe: {self.errors[-5:]}")
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(b"subscribed"):
+                self.subscribed.set()
+            else:
+                written, at = line.split()
+                self.state = (int(written), float(at))
+
+    def _read_errors(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if len(self.errors) < 1000:
+                self.errors.append(line.decode(errors="replace").rstrip())
+
+    def progress(self) -> tuple[int, float]:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"the prototype exited ({self.process.returncode}): {self.errors[-5:]}"
+            )
+        return self.state
+
+    def stored(self, expected: int, timeout: float = 20) -> tuple[int, int]:
+        return stored(self.vm, self.prefix, self.since, expected, timeout)
+
+    def close(self) -> dict[str, Any]:
+        self.process.kill()
+        self.process.wait()
+        return {"write_errors": len(self.errors), "error_sample": self.errors[:3]}
+
+
+@dataclass
+class IngestdSetup:
+    """What an ``ingestd run`` under test is configured with, besides the harness's own
+    (its topic prefix, spool, HTTP port: tests/daemon.py ``daemon_config``)."""
+
+    rules: str | None = None
+    """The text of a rule file, or None for no rules."""
+    quotas: bool = False
+    """A quota rule every device matches and none exceeds: the cost of checking."""
+    notify: dict[str, Any] | None = None
+    influx_url: str | None = None
+    """Where ingestd writes (default: the VictoriaMetrics itself, e.g. a proxy in front)."""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings by section, applied last (``--set``)."""
+
+    def config(
+        self, work: Path, broker: Mosquitto, vm: VictoriaMetrics, prefix: str
+    ) -> dict[str, Any]:
+        sections: dict[str, dict[str, Any]] = {
+            # The shipped defaults (config/ingestd.yaml) where the harness has test values.
+            "mqtt": {"receive_maximum": 1000},
+            "spool": {"commit_interval": "5ms"},
+            "logging": {"level": "warning"},
+        }
+        rules = work / "rules"  # empty for no rules (not the default /etc/ingestd/rules)
+        rules.mkdir(parents=True, exist_ok=True)
+        if self.rules is not None:
+            (rules / "bench.yaml").write_text(self.rules)
+        sections["rules"] = {"dir": str(rules)}
+        if self.quotas:
+            quota = {
+                "name": "bench",
+                "topic": f"{prefix}/+/{{device}}/#",
+                "rate": 1000,
+                "burst": 1000,
+            }
+            sections["quotas"] = {"rules": [quota]}
+        if self.notify is not None:
+            sections["notify"] = self.notify
+        influx = {
+            "url": self.influx_url or vm.url,
+            "batch_size": 5000,
+            "flush_interval": "200ms",
+            "backoff_max": "30s",
+        }
+        for section, values in self.overrides.items():
+            target = influx if section == "influx" else sections.setdefault(section, {})
+            target.update(values)
+        return daemon_config(work, broker.url, prefix, influx, **sections)
 
 
 class DaemonConsumer:
-    """``ingestd run`` as a subprocess; progress is its count of readings the TSDB accepted."""
+    """``ingestd run`` as a subprocess; progress is its count of readings the TSDB accepted.
+
+    Its RSS is read from /proc every time progress is asked for (peak), and kept as a curve
+    (seconds, readings written, RSS) every ``sample_every`` seconds."""
 
     def __init__(
-        self, broker: Mosquitto, vm: VictoriaMetrics, prefix: str, work: Path, quotas: bool = False
+        self,
+        broker: Mosquitto,
+        vm: VictoriaMetrics,
+        prefix: str,
+        work: Path,
+        setup: IngestdSetup,
+        *,
+        name: str = "ingestd",
+        devices: int = 10_000,
+        sample_every: float = 1.0,
+        profile: Path | None = None,
     ) -> None:
-        # With quotas, every message is checked against a per-device rule that no device
-        # exceeds: the cost of the check, not of dropping.
-        self.name = "ingestd+quotas" if quotas else "ingestd"
-        rules = [
-            {"name": "bench", "topic": f"{prefix}/+/{{device}}/#", "rate": 1000, "burst": 1000}
-        ]
-        config = daemon_config(
-            work / prefix,
-            broker.url,
-            prefix,
-            {"url": vm.url, "batch_size": 5000, "flush_interval": "200ms"},
-            mqtt={"receive_maximum": 10000},
-            logging={"level": "warning"},
-            quotas={"rules": rules if quotas else []},
-        )
+        """``profile``: py-spy samples the daemon from ready to close, into that file."""
+        self.name = name
         self.vm, self.prefix = vm, prefix
-        warm_series(vm, prefix)
+        self.config = setup.config(work / prefix, broker, vm, prefix)
+        warm_series(vm, prefix, devices)
         self.since = time.time()
-        self.daemon = DaemonProcess(work / prefix, config)
+        self.daemon = DaemonProcess(work / prefix, self.config)
         try:
             self.daemon.start()
         except BaseException:
@@ -219,9 +377,16 @@ class DaemonConsumer:
             raise
         assert self.daemon.process is not None
         self.pid = self.daemon.process.pid
+        self.profiler = None if profile is None else Profiler(self.pid, profile)
+        self.started = time.monotonic()
         self.rss_start = self.memory()["VmRSS"]
         self.rss_peak = self.rss_start
         self.state = (0, time.monotonic())
+        self.sample_every = sample_every
+        self.curve: list[tuple[float, int, float]] = [(0.0, 0, round(self.rss_start / MIB, 2))]
+        self.lag: list[float] = []
+        self.probes: list[Callable[[], int]] = []
+        """Counts of readings that probes published beside the load: not the load's."""
 
     def memory(self) -> dict[str, int]:
         """VmRSS and VmHWM in bytes, from /proc/<pid>/status."""
@@ -238,50 +403,48 @@ class DaemonConsumer:
         if self.daemon.process.poll() is not None:
             code = self.daemon.process.returncode
             raise RuntimeError(f"ingestd exited ({code}) during the run:\n{self.daemon.log()}")
-        self.rss_peak = max(self.rss_peak, self.memory()["VmRSS"])
+        rss = self.memory()["VmRSS"]
+        self.rss_peak = max(self.rss_peak, rss)
         with contextlib.suppress(OSError):
-            written = int(self.daemon.metric("ingestd_points_written_total"))
+            samples = self.daemon.metrics()
+            # Probe readings written are at most those published: never a premature "done".
+            written = int(samples.get("ingestd_points_written_total", 0))
+            written -= sum(published() for published in self.probes)
             if written != self.state[0]:
                 self.state = (written, time.monotonic())
+                # Receipt (group commit) to TSDB-accepted of the newest reading written.
+                self.lag.append(samples.get("ingestd_lag_seconds", 0.0))
+        elapsed = time.monotonic() - self.started
+        if elapsed - self.curve[-1][0] >= self.sample_every:
+            self.curve.append((round(elapsed, 2), self.state[0], round(rss / MIB, 2)))
         return self.state
 
     def stored(self, expected: int, timeout: float = 20) -> tuple[int, int]:
         """(samples, distinct device+seq) of this run's readings that VictoriaMetrics holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.vm.flush()
-            total = self._query("count_over_time")
-            distinct = self._query("distinct_over_time")
-            if total >= expected or time.monotonic() > deadline:
-                return total, distinct
-            time.sleep(0.2)
-
-    def _query(self, function: str) -> int:
-        window = round(time.time() - self.since) + 60  # this run's readings, not the warm-up
-        assert window < WARM_AGE, "the run outlasted the warm-up's age"
-        selector = f'reservoir_seq{{farm="{self.prefix}"}}[{window}s]'
-        query = urllib.parse.urlencode(
-            # nocache and a time just ahead of now, or VM answers from before the newest rows.
-            {"query": f"sum({function}({selector}))", "time": time.time() + 1, "nocache": 1}
-        )
-        response = http_request("GET", f"{self.vm.url}/api/v1/query?{query}")
-        result = response.json()["data"]["result"]
-        return int(float(result[0]["value"][1])) if result else 0
+        return stored(self.vm, self.prefix, self.since, expected, timeout)
 
     def close(self) -> dict[str, Any]:
         """Stop (SIGTERM, as systemd would) and report what the daemon said about the run."""
         info: dict[str, Any] = {}
+        if self.profiler is not None:
+            info["profile"] = self.profiler.stop()
+        memory = self.memory()
         with contextlib.suppress(OSError):
             samples = self.daemon.metrics()
             info["metrics"] = {
                 k: v for k, v in samples.items() if k.startswith("ingestd_") and "_bucket" not in k
             }
-        memory = self.memory()
+            # The curve ends with everything written, however long since its last sample.
+            written = int(samples.get("ingestd_points_written_total", 0))
+            written -= sum(published() for published in self.probes)
+            elapsed = round(time.monotonic() - self.started, 2)
+            self.curve.append((elapsed, written, round(memory["VmRSS"] / MIB, 2)))
         info |= {
-            "rss_start_mib": self.rss_start / MIB,
-            "rss_peak_mib": max(self.rss_peak, memory["VmRSS"]) / MIB,
-            "hwm_mib": memory["VmHWM"] / MIB,
-            "rss_final_mib": memory["VmRSS"] / MIB,
+            "rss_start_mib": round(self.rss_start / MIB, 2),
+            "rss_peak_mib": round(max(self.rss_peak, memory["VmRSS"]) / MIB, 2),
+            "hwm_mib": round(memory["VmHWM"] / MIB, 2),
+            "rss_final_mib": round(memory["VmRSS"] / MIB, 2),
+            "rss_curve": self.curve,  # (seconds since ready, readings written, RSS MiB)
         }
         started = time.monotonic()
         try:
@@ -297,28 +460,38 @@ class DaemonConsumer:
         return info
 
 
-Consumer = SubConsumer | DaemonConsumer
+# --- one step -------------------------------------------------------------------------------
 
 
 def measure(
-    publisher: Publisher, consumer: Consumer, *, prefix: str, rate: float, count: int, grace: float
+    publisher: Publisher,
+    consumer: Consumer,
+    *,
+    rate: float,
+    count: int,
+    grace: float,
+    on_load_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Publish ``count`` messages at ``rate`` and wait (at most ``grace`` after the last
-    broker ack) until the consumer has them all."""
-    pending = publisher.start(prefix, rate, count)
+    broker ack) until the consumer has them all. ``on_load_done`` is called once the broker
+    acknowledged the last message."""
+    pending = publisher.start(consumer.prefix, rate, count)
     done: float | None = None
-    published_end = None
+    published_end: float | None = None
     while True:
         received, at = consumer.progress()
         if received >= count and done is None:
             done = at
         if pending.ready():
             if published_end is None:
-                results = pending.get()  # re-raises a publisher's error
-                published_end = max(end for _, _, end in results)
+                published_end = max(end for _, _, end in pending.get())  # re-raises errors
+                if on_load_done is not None:
+                    on_load_done()
             if done is not None or time.monotonic() > published_end + grace:
                 break
         time.sleep(0.05)
+    results = pending.get()
+    published_end = max(end for _, _, end in results)
     published = sum(sent for sent, _, _ in results)
     first = min(start for _, start, _ in results)
     seconds = (done if done is not None else at) - first
@@ -335,227 +508,100 @@ def measure(
     }
 
 
-def throughput_step(
+def run_step(
     publisher: Publisher,
-    make: Callable[[str], Consumer],
+    consumer: Consumer,
     *,
-    prefix: str,
     rate: float,
-    seconds: float,
+    count: int,
     grace: float,
+    on_load_done: Callable[[], None] | None = None,
+    before_close: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    consumer = make(prefix)
+    """One step, then the consumer stopped. A step **holds** its rate when everything was
+    received (stored) within the grace, nothing is missing, and the achieved rate is at least
+    95 % of the offered one. For a consumer that writes to the TSDB, ``received`` is what
+    VictoriaMetrics holds (distinct readings; ``consumer_count`` is the consumer's own).
+    ``missing`` is published minus received when the step ended: for ingestd, readings
+    still in its spool count there too (a slow step is not a lossy one)."""
     try:
-        step = measure(
-            publisher, consumer, prefix=prefix, rate=rate, count=round(rate * seconds), grace=grace
-        )
-        if isinstance(consumer, DaemonConsumer):
-            stored, distinct = consumer.stored(step["published"])
-            step |= {"ingestd_written": step["received"], "received": distinct}
-            step |= {"stored_samples": stored, "duplicates": stored - distinct}
-    finally:
-        step_info = consumer.close()
-    step["lost"] = max(0, step["published"] - step["received"])
-    step["holds"] = (
-        step["complete_within_grace"] and step["lost"] == 0 and step["achieved_rate"] >= HOLD * rate
-    )
-    return step | step_info
-
-
-def rss_run(
-    publisher: Publisher, consumer: DaemonConsumer, rate: float, count: int
-) -> dict[str, Any]:
-    try:
-        step = measure(
-            publisher, consumer, prefix=consumer.prefix, rate=rate, count=count, grace=120
-        )
-        stored, distinct = consumer.stored(step["published"])
-        step |= {"stored_samples": stored, "received": distinct, "duplicates": stored - distinct}
-        time.sleep(2)  # let the last batch's buffers go
+        try:
+            step = measure(
+                publisher,
+                consumer,
+                rate=rate,
+                count=count,
+                grace=grace,
+                on_load_done=on_load_done,
+            )
+        finally:
+            if before_close is not None:
+                before_close()  # e.g. probes that use the consumer
+        if isinstance(consumer, DaemonConsumer | PrototypeConsumer):
+            # ingestd's count includes readings of probes, the prototype's only what it took.
+            expected = min(step["published"], step["received"])
+            timeout = 20 if step["complete_within_grace"] else 2  # a failed step stays failed
+            total, distinct = consumer.stored(expected, timeout)
+            step |= {"consumer_count": step["received"], "received": distinct}
+            # Counted while a failed step's readings still arrive, the two would not match.
+            duplicates = total - distinct if step["complete_within_grace"] else None
+            step |= {"stored_samples": total, "duplicates": duplicates}
     finally:
         info = consumer.close()
-    step["lost"] = max(0, step["published"] - step["received"])
-    step["kept_up"] = step["lost"] == 0 and step["achieved_rate"] >= HOLD * rate
+    step["missing"] = max(0, step["published"] - step["received"])
+    step["holds"] = bool(
+        step["complete_within_grace"]
+        and step["missing"] == 0
+        and step["achieved_rate"] >= HOLD * rate
+    )
     return step | info
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def _command_output(*command: str) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
 
 
 def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")), 0)
+    packages: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
     return {
-        "nproc": os.cpu_count(),
+        "cores": os.cpu_count(),
         "cpu_model": models[0] if models else platform.processor(),
-        "python": platform.python_version(),
-        "ingestd_version": __version__,
+        "memory_mib": round(total / 1024),
         "kernel": platform.release(),
-        "loadavg_at_start": os.getloadavg(),
+        "os": _os_name(),
+        "python": platform.python_version(),
+        "ingestd": __version__,
+        "packages": packages,
+        "mosquitto": _command_output(find_binary("mosquitto"), "-h").removeprefix(
+            "mosquitto version "
+        ),
+        "victoria_metrics": _command_output(
+            "dpkg-query", "-W", "-f=${Version}", "victoria-metrics"
+        ),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def summary(report: dict[str, Any]) -> str:
-    info, best = report["machine"], report["highest_holding_rate"]
-    out = [
-        f"## ingestd pipeline benchmark, {report['started']} ({report['mode']})",
-        "",
-        f"{info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
-        f"ingestd {info['ingestd_version']}, load average at start "
-        f"{info['loadavg_at_start'][0]:.2f}, at end {report['loadavg_at_end'][0]:.2f}.",
-        f"Load: {report['publishers']} publisher processes, {DEVICES:,} devices, QoS 1, JSON "
-        "(5 fields + seq). " + SHARED_CPU.format(cpus=info["nproc"]),
-        "",
-        "| offered msg/s | consumer | published | received/stored | lost | seconds "
-        "| achieved msg/s | publisher msg/s | holds |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for s in report["steps"]:
-        out.append(
-            f"| {s['offered_rate']:,.0f} | {s['consumer']} | {s['published']:,} "
-            f"| {s['received']:,} | {s['lost']:,} | {s['seconds']:.2f} "
-            f"| {s['achieved_rate']:,} | {s['publisher_rate']:,} "
-            f"| {'yes' if s['holds'] else 'NO'} |"
-        )
-    sub, ing, quo = best["mosquitto_sub"], best["ingestd"], best.get("ingestd+quotas")
-    ratio = f"{ing / sub:.2f}" if sub and ing else "n/a"
-    quota_ratio = f"{quo / ing:.2f}" if quo and ing else "n/a"
-    out += [
-        "",
-        "| highest zero-loss rate (msg/s) | mosquitto_sub | ingestd | ingestd / mosquitto_sub "
-        "| ingestd+quotas | quotas on / off |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| QoS 1, offered rates {report['rates']} | {sub or 'none'} | {ing or 'none'} | {ratio} "
-        f"| {quo or 'none'} | {quota_ratio} |",
-    ]
-    top = max(report["rates"])
-    if sub == top:
-        out.append(
-            f"\nmosquitto_sub held the highest rate offered ({top:,}): the broker's ceiling is"
-            " higher, so the ratio is an upper bound"
-            + (" (and ingestd's too)." if ing == top else ".")
-        )
-    short = [s for s in report["steps"] if s["publisher_rate"] < HOLD * s["offered_rate"]]
-    for s in short:
-        out.append(
-            f"\nAt {s['offered_rate']:,.0f} msg/s ({s['consumer']}) the publishers reached only "
-            f"{s['publisher_rate']:,} msg/s (they share the cores with the consumer): that rate "
-            "was not really offered."
-        )
-    rss = report.get("rss")
-    if rss:
-        out += [
-            "",
-            f"RSS of ingestd, {rss['published']:,} messages from {DEVICES:,} devices at "
-            f"{rss['offered_rate']:,.0f} msg/s ({rss['lost']:,} lost, "
-            f"{rss['duplicates']:,} duplicates): start {rss['rss_start_mib']:.1f} MiB, "
-            f"peak {rss['hwm_mib']:.1f} MiB (VmHWM), final {rss['rss_final_mib']:.1f} MiB.",
-            f"Kept up over the {rss['publish_seconds']:.0f} s: "
-            f"{'yes' if rss['kept_up'] else 'NO'}, {rss['achieved_rate']:,} msg/s achieved, "
-            f"last reading stored {max(0, rss['seconds'] - rss['publish_seconds']):.2f} s "
-            "after the publishers' last ack.",
-        ]
-    for s in [*report["steps"], rss or {}]:
-        if s.get("duplicates"):
-            out.append(
-                f"\nVictoriaMetrics holds {s['duplicates']:,} readings twice from the ingestd run "
-                f"at {s['offered_rate']:,.0f} msg/s (a retried write; InfluxDB would overwrite)."
-            )
-    problems = [s for s in [*report["steps"], rss or {}] if s.get("log_lines")]
-    for s in problems:
-        out.append(
-            f"\ningestd logged {s['log_lines']} warning/error line(s) at "
-            f"{s['offered_rate']:,.0f} msg/s, e.g. {s['log_sample'][0][:300]}"
-        )
-    return "\n".join(out)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter steps; 200k for RSS")
-    parser.add_argument("--rates", help="comma-separated offered rates (msg/s)")
-    parser.add_argument("--seconds", type=float, help="publishing time per step")
-    parser.add_argument("--publishers", type=int, default=4, help="publisher processes")
-    parser.add_argument("--rss-messages", type=int, help="messages for the RSS run")
-    parser.add_argument("--rss-rate", type=float, help="default: 60 %% of ingestd's best rate")
-    args = parser.parse_args()
-    rates = [4000, 7000, 10000, 13000] if args.quick else [2000, 4000, 8000, 12000, 16000, 20000]
-    if args.rates:
-        rates = [int(r) for r in args.rates.split(",")]
-    seconds = args.seconds or (8.0 if args.quick else 15.0)
-    grace = 5.0 if args.quick else 10.0
-    rss_messages = args.rss_messages or (200_000 if args.quick else 1_000_000)
-    # SIGTERM unwinds like Ctrl-C, so every process started below is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
-    started = datetime.now(UTC)
-    report: dict[str, Any] = {
-        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "mode": "quick" if args.quick else "full",
-        "machine": machine(),
-        "note": SHARED_CPU.format(cpus=os.cpu_count()),
-        "publishers": args.publishers,
-        "devices": DEVICES,
-        "rates": rates,
-        "step_seconds": seconds,
-        "grace_seconds": grace,
-        "hold_fraction": HOLD,
-        "ingestd_config": {
-            "influx.batch_size": 5000,
-            "influx.flush_interval": "200ms",
-            "mqtt.receive_maximum": 10000,
-            "logging.level": "warning",
-        },
-        "steps": [],
-    }
-    best: dict[str, float | None] = {"mosquitto_sub": None, "ingestd": None, "ingestd+quotas": None}
-    with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(Mosquitto(extra_config=BROKER_CONFIG))
-        vm = stack.enter_context(VictoriaMetrics())
-        work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))  # spools, on local disk
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        publisher = Publisher(broker.url, args.publishers)
-        stack.callback(publisher.close)
-        makers: dict[str, Callable[[str], Consumer]] = {
-            "mosquitto_sub": lambda prefix: SubConsumer(broker, prefix),
-            "ingestd": lambda prefix: DaemonConsumer(broker, vm, prefix, work),
-            "ingestd+quotas": lambda prefix: DaemonConsumer(broker, vm, prefix, work, quotas=True),
-        }
-        for index, rate in enumerate(rates):
-            # Consumers alternate at each rate, so both see the same background load;
-            # one stops climbing at its first rate that does not hold.
-            for name, make in makers.items():
-                if best[name] != (rates[index - 1] if index else None):
-                    continue
-                prefix = f"{name.split('_')[0].replace('+', '')}{index}"
-                step = throughput_step(
-                    publisher, make, prefix=prefix, rate=rate, seconds=seconds, grace=grace
-                )
-                report["steps"].append(step)
-                print(
-                    f"{name:>13} {rate:>7,.0f} msg/s: {step['received']:,}/{step['published']:,}"
-                    f" in {step['seconds']:.2f} s = {step['achieved_rate']:,} msg/s,"
-                    f" holds: {step['holds']}",
-                    file=sys.stderr,
-                )
-                if step["holds"]:
-                    best[name] = rate
-        report["highest_holding_rate"] = best
-        rss_rate = args.rss_rate or (0.6 * best["ingestd"] if best["ingestd"] else rates[0])
-        print(f"RSS run: {rss_messages:,} messages at {rss_rate:,.0f} msg/s", file=sys.stderr)
-        consumer = DaemonConsumer(broker, vm, "rss", work)
-        report["rss"] = rss_run(publisher, consumer, rss_rate, rss_messages)
-    report["loadavg_at_end"] = os.getloadavg()
-    report["wall_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"pipeline-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(summary(report))
-    print(f"\nRaw numbers: {path.relative_to(REPO)}")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the benchmark started is stopped", file=sys.stderr)
-        sys.exit(130)
+def _os_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.partition("=")[2].strip('"')
+    return platform.system()

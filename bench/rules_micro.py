@@ -72,7 +72,9 @@ def run(kind: str, alerting: float, count: int = 200_000) -> str:
     for i in range(count):
         device, site = DEVICES[i % len(DEVICES)]
         when += 0.0001
-        values = {f: base + rnd.gauss(0, 0.05) for f, (base, _) in FIELDS.items()}
+        values: dict[str, float | bool | str] = {
+            f: base + rnd.gauss(0, 0.05) for f, (base, _) in FIELDS.items()
+        }
         if rnd.random() < alerting:
             values["ph"] = 7.5
         readings.append(Reading("reservoir", device, {"site": site}, values, int(when * 1e9)))
