@@ -267,14 +267,18 @@ class Engine:
                 continue
             stats.route_lookups += 1
             value = _number(raw)
+            # Rules reached through their site's cache matched the site already.
+            site_rules = route.for_site(site, stats) if route.site_bound else ()
             for group in (
                 route.general,
                 route.by_device.get(device, ()) if route.by_device else (),
-                route.for_site(site, stats) if route.site_bound else (),
+                site_rules,
             ):
                 examined += len(group)
+                by_site = group is site_rules
                 for rule in group:
-                    if rule.restricted and not rule.matches(device, tags):
+                    restricted = rule.restricted_beyond_site if by_site else rule.restricted
+                    if restricted and not rule.matches(device, tags):
                         continue
                     if rule.deadman is not None:
                         self._heard(rule, reading, field_name, now, events)

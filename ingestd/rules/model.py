@@ -181,6 +181,8 @@ class Rule:
     identity: str = ""
     restricted: bool = True
     """Whether the device, site or tag matchers can refuse a reading (else all pass)."""
+    restricted_beyond_site: bool = True
+    """Whether the device or tag matchers can refuse a reading whose site matched."""
 
     def __post_init__(self) -> None:
         windows = [lvl.window for lvl in self.levels if lvl.window is not None]
@@ -188,6 +190,8 @@ class Rule:
         object.__setattr__(self, "identity", self._identity())
         open_ = self.device.matches_everything and self.site.matches_everything
         object.__setattr__(self, "restricted", not (open_ and not self.tags))
+        beyond = not (self.device.matches_everything and not self.tags)
+        object.__setattr__(self, "restricted_beyond_site", beyond)
 
     @property
     def is_deadman(self) -> bool:
