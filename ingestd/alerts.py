@@ -211,10 +211,10 @@ class AlertStage:
             if events:
                 self._emit(events)
             self._flush()
-            if self._stale and time.monotonic() >= self._full_at + _FULL_EVERY:
-                await self.save()
-            elif self._dirty:
+            if self._dirty:
                 await self.save_if_changed()
+            if self._stale and time.monotonic() >= self._full_at + _FULL_EVERY:
+                await self.save_full()
             evaluations = self.engine.stats.evaluations
             self._metrics.rule_evaluations.inc(max(0, evaluations - self._evaluations))
             self._evaluations = evaluations
@@ -238,7 +238,7 @@ class AlertStage:
                 await asyncio.sleep(delay)
         async with self._save_lock:  # also waits for a save in flight that holds them
             while self._dirty:
-                await self._save(full=False)
+                await self._save()
                 if self._dirty:  # not written (a full or failing disk): the acks wait
                     self._health.problem(
                         "alerts", "cannot save alert state; messages wait unacknowledged"
@@ -248,29 +248,41 @@ class AlertStage:
                 self._health.ok("alerts")
 
     async def save(self) -> None:
-        """Write the engine's whole state now."""
-        async with self._save_lock:
-            await self._save(full=True)
+        """Write everything now: the transitions, then the whole state."""
+        await self.save_if_changed()
+        await self.save_full()
 
-    async def _save(self, *, full: bool) -> None:
-        """Saves run one at a time, in order, in their own thread, so a cancelled or
-        overlapping save can never put an older state in place."""
+    async def save_full(self) -> None:
+        """Write the whole state (every state of every rule: its cost grows with the fleet).
+        Dumped in parts between which the event loop runs on, encoded and written in the
+        saver thread; it holds no lock, so acknowledgements never wait for it."""
+        self._stale = False
+        self._full_at = time.monotonic()
+        header, parts = self.engine.snapshot_in_parts()
+        states: list[dict[str, Any]] = []
+        for part in parts:
+            states.extend(part)
+            await asyncio.sleep(0)
+        snapshot = {**header, "states": states}
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self._saver, _save_json, self._state_file, snapshot):
+            self._stale = True  # try again at the next turn
+
+    async def _save(self) -> None:
+        """The transitions: the notification outbox, the alert history and the essential
+        state, in one ordered step. Saves run one at a time, in order, in their own thread,
+        so a cancelled or overlapping save can never put an older state in place."""
         self._dirty = False
         self._saved_at = time.monotonic()
-        if full:
-            self._stale = False
-            self._full_at = self._saved_at
-        data = orjson.dumps(self.engine.snapshot(essential=not full))
+        data = orjson.dumps(self.engine.snapshot(essential=True))
         writes = [
             write
             for handoff in (self._notifier, self._history)
             if handoff is not None and (write := handoff.take()) is not None
         ]
-        path = self._state_file if full else self._recent_file
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._saver, _save, path, data, writes):
+        if not await loop.run_in_executor(self._saver, _save, self._recent_file, data, writes):
             self._dirty = True  # try again at the next turn
-            self._stale = self._stale or full
 
     async def reload(self, why: str) -> bool:
         """Validate everything, then swap; keep the old rules when anything is wrong."""
@@ -328,6 +340,10 @@ def _save(path: Path, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool
     loses one. Each write stages its own data again when it fails."""
     ok = all([write() for write in writes])  # every write runs, even after a failure
     return _write_atomically(path, data) if ok else False
+
+
+def _save_json(path: Path, snapshot: dict[str, Any]) -> bool:
+    return _write_atomically(path, orjson.dumps(snapshot))
 
 
 def _write_atomically(path: Path, data: bytes) -> bool:

@@ -882,3 +882,26 @@ def test_an_essential_snapshot_laid_over_an_older_full_one(tmp_path: Path) -> No
     restored = Engine.restore(ruleset, newer_full, farm.clock, recent=nothing)
     assert restored.firing() == []
     assert restored.tick() == []  # their ends were announced before: not again
+
+
+def test_a_snapshot_in_parts_is_the_snapshot(tmp_path: Path) -> None:
+    ruleset = rules(
+        tmp_path,
+        """
+        rules:
+          - name: ph_rising
+            select: {measurement: reservoir, field: ph}
+            rate: {above: 1, window: 1m}
+        """,
+    )
+    farm = Farm(ruleset)
+    for n in range(25):
+        farm.send(6.0 + n / 100, at=n, device=f"d{n}")
+    header, parts = farm.engine.snapshot_in_parts(size=4)
+    chunks = list(parts)
+    assert [len(c) for c in chunks] == [4] * 6 + [1]
+    whole = farm.engine.snapshot()
+    assert {**header, "states": [s for c in chunks for s in c]} == {**whole, "at": header["at"]}
+    parted = {**header, "states": [s for c in chunks for s in c]}
+    restored = Engine.restore(ruleset, parted, farm.clock)
+    assert len(restored.snapshot()["states"]) == 25

@@ -38,7 +38,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -848,6 +848,22 @@ class Engine:
             "essential": essential,
             "states": [_dump_state(state) for state in states],
         }
+
+    def snapshot_in_parts(
+        self, size: int = 2000
+    ) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]]]:
+        """:meth:`snapshot` as a header and its states in parts of ``size``, for a caller
+        that yields to other work between parts (each state is dumped whole; a state that
+        changes meanwhile is dumped as it is then, which an essential snapshot taken after
+        ``at`` covers)."""
+        header = {"version": SNAPSHOT_VERSION, "at": self._now(), "essential": False}
+        states = list(self._states.values())
+
+        def parts() -> Iterator[list[dict[str, Any]]]:
+            for start in range(0, len(states), size):
+                yield [_dump_state(state) for state in states[start : start + size]]
+
+        return header, parts()
 
     @classmethod
     def restore(
