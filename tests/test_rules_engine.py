@@ -11,6 +11,7 @@ import pytest
 
 from ingestd.model import Reading
 from ingestd.rules import AlertEvent, Engine, RuleSet, SnapshotError, load_rules
+from ingestd.rules.engine import _essential
 from ingestd.rules.model import topic_level
 
 T0 = 1_700_000_000.0
@@ -867,6 +868,8 @@ def test_an_essential_snapshot_laid_over_an_older_full_one(tmp_path: Path) -> No
     farm.send(7.5, at=10, device="c")  # c starts
     recent = farm.engine.snapshot(essential=True)
     assert {s["device"] for s in recent["states"]} == {"a", "b", "c"}  # b: a recent change
+    every = [s for s in farm.engine._states.values() if _essential(s, farm.clock.now)]
+    assert {s.device for s in every} == {"a", "b", "c"}  # the touched set misses none
 
     restored = Engine.restore(ruleset, full, farm.clock, recent=recent)
     assert sorted(a.device for a in restored.firing()) == ["a", "c"]

@@ -191,6 +191,8 @@ class Engine:
         self._route_cache_size = route_cache_size
         self._start = now()
         self._states: dict[StateKey, _State] = {}
+        # States a transition touched: a superset of the essential ones (snapshot()).
+        self._hot: set[StateKey] = set()
         self._ids: dict[str, StateKey] = {}
         self._heap: list[tuple[float, int, StateKey]] = []
         self._seq = itertools.count()
@@ -408,6 +410,7 @@ class Engine:
 
     def _transition(self, state: _State, now: float) -> list[AlertEvent]:
         """Move the alert to where its latches say it should be."""
+        self._hot.add(state.key)  # every latch or alert change comes through here
         rule = state.rule
         levels = rule.levels
         latched = [i for i, since in enumerate(state.latched) if since is not None]
@@ -840,8 +843,15 @@ class Engine:
         over the last full snapshot (``recent`` of :meth:`restore`)."""
         now = self._now()
         states: Iterable[_State] = self._states.values()
-        if essential:
-            states = [s for s in states if _essential(s, now)]
+        if essential:  # the touched states only: O(alerts), not O(fleet)
+            hot, found = self._hot, []
+            for key in list(hot):
+                state = self._states.get(key)
+                if state is None or not _essential(state, now):
+                    hot.discard(key)
+                else:
+                    found.append(state)
+            states = found
         return {
             "version": SNAPSHOT_VERSION,
             "at": now,
@@ -903,6 +913,7 @@ class Engine:
             raise SnapshotError(f"rules state snapshot is corrupt: {exc!r}") from exc
         for state in list(engine._states.values()):
             engine._settle(state, at)
+        engine._hot.update(k for k, state in engine._states.items() if _essential(state, at))
         return engine
 
 
