@@ -14,7 +14,7 @@ DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-met
                 python3-venv systemd
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test lint run bench bench-quick clean
+.PHONY: setup system-packages test lint run bench bench-quick fuzz soak clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -57,6 +57,21 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
+# The fuzzing properties of tests/test_fuzz.py with FUZZ_SCALE times the suite's examples
+# (50: about half an hour), and hypothesis' statistics: inputs tried per target, outcomes.
+# Memory is capped (8 GiB), so an input that blows it up fails the run, not the machine.
+FUZZ_SCALE ?= 50
+fuzz: setup
+	ulimit -v 8388608 && FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest tests/test_fuzz.py \
+	  -o timeout=0 --hypothesis-show-statistics $(PYTEST_ARGS)
+
+# The soak (soak/run.py): the simulator against ingestd for DURATION while VictoriaMetrics and
+# the broker restart and a notification channel fails; then nothing lost, RSS and fds flat.
+# JSON result in soak/results/. More options with SOAK_ARGS, e.g. SOAK_ARGS='--devices 1000'.
+DURATION ?= 10m
+soak: setup
+	$(BIN)/python soak/run.py --duration $(DURATION) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -641,7 +641,7 @@ class NotifyRoute(Section):
     def _zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: ZoneInfo('America')
             raise ValueError("expected an IANA time zone such as Europe/Amsterdam or UTC") from None
         return value
 
@@ -954,19 +954,29 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], 
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # raises ReaderError for a non-printable character
         node = loader.get_single_node()
         lines: dict[tuple[str | int, ...], int] = {}
-        doc = _construct(loader, node, (), lines) if node is not None else {}
+        budget = [max(_YAML_MAX_VALUES, 10 * len(text))]
+        doc = _construct(loader, node, (), lines, budget) if node is not None else {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc}") from exc
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{line}:{column}: not valid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML composes and we construct recursively
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(doc, dict):
         raise ConfigError(
             f"{path}: the config file must be a mapping of sections (mqtt:, influx:, ...)"
@@ -974,26 +984,52 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], 
     return doc, lines
 
 
+_YAML_MAX_VALUES = 100_000
+"""Values a config file may expand to, at least (10 per byte of text is always allowed):
+nested aliases ("billion laughs") would otherwise expand a few hundred bytes to billions."""
+
+
 def _construct(
     loader: yaml.SafeLoader,
     node: yaml.Node,
     path: tuple[str | int, ...],
     lines: dict[tuple[str | int, ...], int],
+    budget: list[int],
 ) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise yaml.constructor.ConstructorError(
+            None, None, "the document expands to too many values (aliases)", node.start_mark
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = str(loader.construct_object(key_node))
+            key = str(_scalar(loader, key_node))
             lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(loader, value_node, (*path, key), lines)
+            result[key] = _construct(loader, value_node, (*path, key), lines, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             lines[(*path, index)] = item.start_mark.line + 1
-            items.append(_construct(loader, item, (*path, index), lines))
+            items.append(_construct(loader, item, (*path, index), lines, budget))
         return items
-    return loader.construct_object(node)
+    return _scalar(loader, node)
+
+
+def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """PyYAML lets ValueError out of ``!!int x``, ``!!float x`` and dates that do not exist
+    (``2024-02-30``): each becomes a ``MarkedYAMLError`` at the value."""
+    try:
+        return loader.construct_object(node)
+    except (ValueError, TypeError, OverflowError) as exc:
+        kind = node.tag.rpartition(":")[2]
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"cannot read this value as {kind} (not shown: it may be a secret): {exc}",
+            node.start_mark,
+        ) from None
 
 
 def _read_secrets(directory: Path, origins: _Origins) -> dict[str, Any]:

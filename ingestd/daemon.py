@@ -353,7 +353,9 @@ class Daemon:
                 self._registry.admit(readings)  # unknown/disabled devices; calibration
             lines = [format_reading(r) for r in readings]
         except Reject as exc:
-            reject = exc
+            # Without its traceback: kept, it would hold this frame and the callers' (the
+            # whole packet, up to the 256 MB MQTT allows) in a cycle until the GC runs.
+            reject = exc.with_traceback(None)
         except ValueError as exc:  # decode is tested never to get here; a last line of defence
             reject = Reject("bad_characters", str(exc))
         except Exception as exc:  # a bug of ours must cost one message, never the intake

@@ -28,17 +28,20 @@ Codecs, chosen per subscription:
 Every field listed in ``string_fields`` is always a string (a number sent there is kept in
 its JSON spelling), so no field's type ever changes between messages.
 
-Names (measurement, tag keys and values, field keys) must be non-empty and free of ASCII
-control characters, DEL and lone surrogates; string values must be free of ``\\n`` and
-``\\r``: line protocol cannot carry them (see :mod:`ingestd.lineproto`), so they are refused
-here (``bad_characters``) rather than mangled later.
+Names (measurement, tag keys and values, field keys) must be non-empty, at most
+:data:`MAX_NAME_BYTES` long (``name_too_long``) and free of ASCII control characters, DEL,
+lone surrogates and backslashes that TSDBs read differently (before a backslash, comma,
+equals sign, space or quote, or at the end); a field name holds no double quote; string
+values must be free of ``\\n`` and ``\\r``: line protocol cannot carry them (see
+:mod:`ingestd.lineproto`), so they are refused here (``bad_characters``) rather than mangled
+later. The device is never empty (``device_invalid``), whatever ``device_pattern`` allows.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -48,7 +51,7 @@ import orjson
 
 from ingestd.config import TEMPLATE_VAR, GuardSection, Subscription
 from ingestd.errors import ConfigError
-from ingestd.lineproto import parse_line
+from ingestd.lineproto import AMBIGUOUS_BACKSLASH, parse_line
 from ingestd.model import FieldValue, Reading, Reject
 
 __all__ = [
@@ -56,7 +59,9 @@ __all__ = [
     "BAD_TIMESTAMP",
     "DEVICE_INVALID",
     "MALFORMED",
+    "MAX_NAME_BYTES",
     "MEASUREMENT_NOT_ALLOWED",
+    "NAME_TOO_LONG",
     "NOT_FINITE",
     "NO_FIELDS",
     "REASONS",
@@ -79,7 +84,8 @@ MALFORMED = "malformed"
 NOT_FINITE = "not_finite"
 """A number is NaN or infinite (or overflows a double)."""
 BAD_CHARACTERS = "bad_characters"
-"""A name is empty or holds a control character; a string value holds a newline."""
+"""A name is empty, holds a control character or an ambiguous backslash; a string value
+holds a newline."""
 NO_FIELDS = "no_fields"
 """Decoding left no field to write."""
 BAD_TIMESTAMP = "bad_timestamp"
@@ -91,7 +97,14 @@ TIME_TOO_OLD = "time_too_old"
 MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
 """``line``: the measurement is not in the subscription's ``measurements``."""
 TAG_NOT_ALLOWED = "tag_not_allowed"
-"""``line``: a tag key is not in the subscription's ``tags``."""
+"""``line``: a tag key is not in the subscription's ``tags``, or is ``__name__`` (which
+VictoriaMetrics drops)."""
+NAME_TOO_LONG = "name_too_long"
+"""A measurement, tag key, tag value or field key is longer than :data:`MAX_NAME_BYTES`."""
+
+MAX_NAME_BYTES = 256
+"""The longest name written (UTF-8 bytes): VictoriaMetrics silently truncates label names
+past 256 bytes and label values past 16 KiB, which would store a point under another name."""
 
 REASONS = (
     TOO_LARGE,
@@ -106,10 +119,13 @@ REASONS = (
     TIME_TOO_OLD,
     MEASUREMENT_NOT_ALLOWED,
     TAG_NOT_ALLOWED,
+    NAME_TOO_LONG,
 )
 """Every reason :meth:`Decoder.decode` may give: the label set of the rejection metric."""
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# In a whole topic a level ends at "/": a backslash there ends a name too.
+_TOPIC_BACKSLASH = re.compile(r'\\(?=[\\,= "/]|\Z)')
 _NEWLINE = re.compile(r"[\r\n]")
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _NOT_FINITE = re.compile(r"[-+]?(?:nan|inf|infinity)", re.IGNORECASE)
@@ -121,6 +137,7 @@ _ISO = re.compile(
 )
 _MAX_DEPTH = 16
 _KNOWN_DEVICES_MAX = 65_536
+_MAX_NAME_CHARS = MAX_NAME_BYTES // 4  # a name this short is short enough in any encoding
 _NS = 1_000_000_000
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _DECIMAL_LIMIT = Decimal("1e19")
@@ -130,7 +147,11 @@ _UTC = ZoneInfo("UTC")
 
 def _clip(value: str | bytes, limit: int = 80) -> str:
     """A short, printable excerpt of input for a detail string."""
-    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    shown = repr(value[:limit])
+    # repr spells an unprintable character as up to 10 ("\U00018cd6"): clip the spelling too
+    if len(value) > limit or len(shown) > limit + 3:
+        return shown[: limit + 3] + "..."
+    return shown
 
 
 # --- timestamps -----------------------------------------------------------------------------
@@ -226,6 +247,38 @@ def _check_names(names: str, what: str) -> None:
         raise Reject(BAD_CHARACTERS, f"{what} contains {bad.group()!r}")
 
 
+def _check_lengths(names: Collection[str], what: str) -> None:
+    """Refuse a name longer than MAX_NAME_BYTES (counting bytes only for long ones)."""
+    if max(map(len, names), default=0) <= _MAX_NAME_CHARS:  # the usual case, at C speed
+        return
+    for name in names:
+        if (
+            len(name) > _MAX_NAME_CHARS
+            and len(name.encode(errors="surrogatepass")) > MAX_NAME_BYTES
+        ):
+            raise Reject(
+                NAME_TOO_LONG, f"{what} {_clip(name, 40)} is longer than {MAX_NAME_BYTES} bytes"
+            )
+
+
+def _check_quotes(field_names: Iterable[str]) -> None:
+    """Refuse a double quote in a field name: VictoriaMetrics takes it for a string value."""
+    for name in field_names:
+        if '"' in name:
+            raise Reject(BAD_CHARACTERS, f"field name {_clip(name, 40)} contains a double quote")
+
+
+def _check_backslashes(names: Iterable[str], what: str) -> None:
+    """Refuse a name with a backslash that InfluxDB 1.x and 2.x read differently."""
+    for name in names:
+        if "\\" in name and AMBIGUOUS_BACKSLASH.search(name):
+            raise Reject(
+                BAD_CHARACTERS,
+                f"{what} {_clip(name, 40)} has a backslash before a separator, a quote, "
+                "a backslash or its end",
+            )
+
+
 # --- topic routing --------------------------------------------------------------------------
 
 
@@ -319,9 +372,15 @@ class _Route:
         if self.field_at is not None and codec not in ("value", "homie"):
             raise ConfigError(f"{where}: {{field}} is meaningful for codecs value and homie only")
         if self.measurement is not None and (
-            not self.measurement or self.measurement[0] == "#" or _BAD_NAME.search(self.measurement)
+            not self.measurement
+            or self.measurement[0] == "#"
+            or _BAD_NAME.search(self.measurement)
+            or AMBIGUOUS_BACKSLASH.search(self.measurement)
+            or len(self.measurement.encode(errors="surrogatepass")) > MAX_NAME_BYTES
         ):
             raise ConfigError(f"{where}: measurement {self.measurement!r} cannot be written")
+        if "__name__" in variables:
+            raise ConfigError(f"{where}: {{__name__}} is VictoriaMetrics' metric name, not a tag")
         self.tag_at = tuple(variables.items())
         self.field = sub.field
 
@@ -332,7 +391,7 @@ class _Route:
         self.known_devices: set[str] = set()
         try:
             self.zone = ZoneInfo(sub.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: 'America'
             raise ConfigError(f"{where}: unknown timezone {sub.timezone!r}: {exc}") from None
         self.string_fields = frozenset(sub.string_fields)
         self.time_keys = tuple(sub.time_keys)
@@ -375,6 +434,8 @@ class _Route:
         device = levels[self.device_at]
         known = self.known_devices
         if device not in known:
+            if not device:  # whatever the pattern allows: a point needs its device tag
+                raise Reject(DEVICE_INVALID, "empty device level")
             if self.device_pattern.fullmatch(device) is None:
                 raise Reject(
                     DEVICE_INVALID, f"device {_clip(device, 64)} does not match the pattern"
@@ -455,10 +516,14 @@ class _Route:
     def _check_fields(self, fields: dict[str, FieldValue], payload: bytes) -> None:
         if "" in fields:
             raise Reject(BAD_CHARACTERS, "empty field name")
+        if len(payload) > MAX_NAME_BYTES:  # a (flattened) name is never longer than its JSON
+            _check_lengths(fields, "field name")
         # A JSON string holds a control character or a surrogate only as a \-escape, and DEL
         # only raw: without either byte no name or string value can hold a bad character.
         if b"\\" in payload or b"\x7f" in payload:
             _check_names("".join(fields), "a field name")
+            _check_backslashes(fields, "field name")
+            _check_quotes(fields)
             for key, value in fields.items():
                 if type(value) is str and _NEWLINE.search(value):
                     raise Reject(BAD_CHARACTERS, f"string field {key[:40]!r} contains a newline")
@@ -508,6 +573,8 @@ class _Route:
         field = self.field if self.field_at is None else levels[self.field_at]
         if not field:
             raise Reject(BAD_CHARACTERS, "empty field level")
+        if '"' in field:
+            _check_quotes((field,))
         value = self._plain(payload, field)
         return [Reading(measurement, device, tags, {field: value}, received_ns)]
 
@@ -538,6 +605,8 @@ class _Route:
             # Identity comes from the topic, never from the payload: a device tag in the
             # line is dropped (not refused), and topic tags win over payload tags.
             tags.pop("device", None)
+            if "__name__" in tags:  # VictoriaMetrics would drop it and keep the point
+                raise Reject(TAG_NOT_ALLOWED, f"line {number}: tag '__name__' is reserved")
             if self.tags is not None:
                 for key in tags:
                     if key not in self.tags:
@@ -545,6 +614,12 @@ class _Route:
                             TAG_NOT_ALLOWED, f"line {number}: tag {_clip(key, 40)} is not allowed"
                         )
             _check_names("".join((measurement, *tags, *tags.values(), *parsed)), f"line {number}")
+            if b"\\" in line:
+                _check_backslashes((measurement, *tags, *tags.values(), *parsed), f"line {number}:")
+            if len(line) > _MAX_NAME_CHARS:
+                _check_lengths((measurement, *tags, *tags.values(), *parsed), f"line {number}:")
+            if b'"' in line:
+                _check_quotes(parsed)
             tags.update(topic_tags)
             # Integers become floats so that a field never changes type between messages.
             fields: dict[str, FieldValue] = {
@@ -579,6 +654,8 @@ class _Route:
                 raise Reject(BAD_CHARACTERS, "empty sensor name")
             self._check_fields(fields, payload)
             _check_names(sensor, "sensor name")
+            _check_backslashes((sensor,), "sensor name")
+            _check_lengths((sensor,), "sensor name")
             readings.append(
                 Reading(measurement, device, {**tags, "sensor": sensor}, fields, time_ns)
             )
@@ -629,5 +706,13 @@ class Decoder:
                     break
             else:
                 _check_names(topic, "topic")
+                if len(topic) > _MAX_NAME_CHARS:
+                    _check_lengths(levels, "topic level")
+                if "\\" in topic and _TOPIC_BACKSLASH.search(topic):
+                    raise Reject(
+                        BAD_CHARACTERS,
+                        f"a level of topic {_clip(topic, 60)} has a backslash before a "
+                        "separator, a quote, a backslash or its end",
+                    )
                 return route.decode(levels, payload, received_ns)
         raise Reject(TOPIC_UNMATCHED, f"no subscription matches topic {_clip(topic)}")

@@ -2,14 +2,17 @@
 
 Escaping (https://docs.influxdata.com/influxdb/v2/reference/syntax/line-protocol/):
 
-======================  ================================  =============================
+======================  ================================  ================================
 element                 backslash-escaped                 refused (ValueError)
-======================  ================================  =============================
-measurement             comma, space                      empty, leading ``#``, controls
-tag key, value          comma, equals sign, space         empty key, controls
-field key               comma, equals sign, space         empty, controls
+======================  ================================  ================================
+measurement             comma, space                      empty, leading ``#``, controls,
+                                                          an ambiguous backslash (below)
+tag key, value          comma, equals sign, space         empty key, controls, ambiguous
+                                                          backslash
+field key               comma, equals sign, space         empty, controls, ambiguous
+                                                          backslash, double quote
 string field value      double quote, backslash           ``\\n``, ``\\r``
-======================  ================================  =============================
+======================  ================================  ================================
 
 Newlines cannot be escaped in line protocol at all, so they (and, in names, every other
 ASCII control character and DEL, which some parsers treat as separators) must never reach
@@ -17,12 +20,16 @@ the output: the decoder refuses them with the reason ``bad_characters`` and
 :func:`format_reading` raises ``ValueError`` as the last line of defence. A measurement
 starting with ``#`` would turn the line into a comment (a silent loss), so it is refused too.
 
-Backslashes in names: every parser (InfluxDB 1.x/2.x, VictoriaMetrics, Telegraf) splits a
-line by treating ``\\`` as "the next byte is literal", but they disagree on whether ``\\\\``
-means one backslash or two. A backslash is therefore doubled only where it must be, when it
-precedes another backslash, an escapable character, a double quote, or the end of the name:
-then no string can move a separator (no injection, whatever the server), and the common case
-(``C:\\temp``) is written, and read back by every server, unchanged. :func:`parse_line`
+Backslashes in names: InfluxDB 2.x and VictoriaMetrics read ``\\\\`` as one backslash;
+InfluxDB 1.x reads every character after a backslash as literal and unescapes only ``\\,``,
+``\\ `` and ``\\=`` (measured on InfluxDB 1.6: ``a\\\\`` is stored as two backslashes, a tag
+value ending in one is refused, and a measurement ending in one swallows the tags after it).
+No spelling of a name with a backslash before a backslash, comma, equals sign, space or
+double quote, or at its end, is read the same by both, so such a name is refused
+(:data:`AMBIGUOUS_BACKSLASH`; the decoder says ``bad_characters``). Any other backslash is
+written as it is and read back unchanged by every server (``C:\\temp``). A double quote in a
+field key is refused too: VictoriaMetrics (1.79) reads it as the start of a string value and
+loses the rest of the line, InfluxDB 1.x unescapes ``\\"`` there. :func:`parse_line`
 reads ``\\\\`` as one backslash and ``\\`` before any other character as a literal
 backslash, as the InfluxDB 2 reference and VictoriaMetrics do.
 """
@@ -35,7 +42,7 @@ from collections.abc import Callable
 
 from ingestd.model import FieldValue, Reading
 
-__all__ = ["ParsedValue", "format_reading", "parse_line"]
+__all__ = ["AMBIGUOUS_BACKSLASH", "ParsedValue", "format_reading", "parse_line"]
 
 ParsedValue = float | int | bool | str
 """A field value as read from line protocol: ``i``/``u`` integers stay ``int``."""
@@ -45,16 +52,19 @@ ParsedValue = float | int | bool | str
 _CONTROLS = {c: "\n" for c in (*range(0x20), 0x7F)}
 _MEASUREMENT = str.maketrans({**_CONTROLS, ",": "\\,", " ": "\\ "})
 _KEY = str.maketrans({**_CONTROLS, ",": "\\,", "=": "\\=", " ": "\\ "})
+# VictoriaMetrics reads a double quote in a field key as the start of a string value (the rest
+# of the line is lost) and InfluxDB 1.x unescapes \" there: no spelling works for both.
+_FIELD_KEY = str.maketrans({**_CONTROLS, ",": "\\,", "=": "\\=", " ": "\\ ", '"': "\n"})
 _STRING = str.maketrans({"\\": "\\\\", '"': '\\"', "\r": "\n"})
-# A backslash that would combine with what follows it (or with the separator after the name).
-_LONE_BACKSLASH = re.compile(r'\\(?=[\\,= "]|\Z)')
+AMBIGUOUS_BACKSLASH = re.compile(r'\\(?=[\\,= "]|\Z)')
+"""A backslash in a name that InfluxDB 1.x and 2.x/VictoriaMetrics would read differently."""
 
 _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 
 
 def _name(value: str, table: dict[int, str]) -> str:
-    if "\\" in value:
-        value = _LONE_BACKSLASH.sub(r"\\\\", value)
+    if "\\" in value and AMBIGUOUS_BACKSLASH.search(value):
+        return "\n"  # refused by the caller's newline check, with the name (_forbidden)
     return value.translate(table)
 
 
@@ -109,7 +119,7 @@ def format_reading(r: Reading) -> bytes:
 
 
 # Any character that an element may need escaped, or that no element may contain.
-_SPECIAL = re.compile(r"[\\,= \x00-\x1f\x7f]")
+_SPECIAL = re.compile(r'[\\,= "\x00-\x1f\x7f]')
 
 
 def _format_escaped(r: Reading) -> bytes:
@@ -136,7 +146,7 @@ def _format_escaped(r: Reading) -> bytes:
             parts += (",", _name(key, _KEY), "=", _name(value, _KEY))
     sep = " "
     for key, field in fields.items():
-        parts += (sep, _name(key, _KEY), "=", _field_value(field))
+        parts += (sep, _name(key, _FIELD_KEY), "=", _field_value(field))
         sep = ","
     parts += (" ", f"{r.time_ns:d}")
     line = "".join(parts)
@@ -154,7 +164,14 @@ def _forbidden(r: Reading) -> str:
     for what, name in names:
         if "\n" in name.translate(_KEY):
             return f"{what} contains a control character: {name[:80]!r}"
+        if AMBIGUOUS_BACKSLASH.search(name):
+            return (
+                f"{what} has a backslash before a separator, a quote, a backslash or its "
+                f"end, which TSDBs read differently: {name[:80]!r}"
+            )
     for key, value in r.fields.items():
+        if '"' in key:
+            return f"field key {key[:40]!r} contains a double quote"
         if isinstance(value, str) and ("\n" in value or "\r" in value):
             return f"string field {key[:40]!r} contains a newline: {value[:80]!r}"
     return "a newline would split the line"  # pragma: no cover - one of the above holds

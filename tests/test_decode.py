@@ -18,6 +18,7 @@ from ingestd.decode import (
     DEVICE_INVALID,
     MALFORMED,
     MEASUREMENT_NOT_ALLOWED,
+    NAME_TOO_LONG,
     NO_FIELDS,
     NOT_FINITE,
     REASONS,
@@ -90,7 +91,7 @@ def written(r: Reading) -> tuple[str, dict[str, str], dict[str, object], int | N
 
 
 def test_reasons_are_distinct_labels() -> None:
-    assert len(set(REASONS)) == len(REASONS) == 12
+    assert len(set(REASONS)) == len(REASONS) == 13
     assert all(r.isidentifier() and r.islower() for r in REASONS)
 
 
@@ -660,30 +661,77 @@ def test_homie_values_follow_the_value_rules() -> None:
 # --- injection ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("site", ["dev1 x=1", "site,evil=1", 'q" f=1i', "a\\", "\\", "x=1 2"])
+@pytest.mark.parametrize("site", ["dev1 x=1", "site,evil=1", 'q" f=1i', "C:\\temp", "x=1 2"])
 def test_topic_levels_cannot_inject(site: str) -> None:
     r = one(f"farm/{site}/d1/env{site}", '{"v": 1}')
     assert written(r) == (f"env{site}", {"device": "d1", "site": site}, {"v": 1.0}, RECEIVED)
 
 
+@pytest.mark.parametrize("level", ["a\\", "\\", "a\\\\b", "a\\,b", "a\\=b", "a\\ b", 'a\\"b'])
+def test_backslashes_that_tsdbs_read_differently_are_refused(level: str) -> None:
+    """InfluxDB 1.x keeps "\\\\" as two backslashes where 2.x and VictoriaMetrics read one,
+    and a measurement ending in a backslash swallows the tags after it (test_injection.py
+    shows both on the real servers): no spelling is safe, so the name is refused."""
+    assert rejected(f"farm/{level}/d1/env", '{"v": 1}').reason == BAD_CHARACTERS
+    assert rejected(f"farm/n/d1/{level}", '{"v": 1}').reason == BAD_CHARACTERS
+    assert rejected("farm/n/d1/env", orjson.dumps({level: 1})).reason == BAD_CHARACTERS
+    escaped = "".join("\\" + c if c in "\\ ,=" else c for c in level)  # as 2.x writes it
+    assert rejected("lp/n/d1", f"env,room={escaped} t=1").reason == BAD_CHARACTERS
+    assert rejected("tele/d1/SENSOR", orjson.dumps({level: {"T": 1}})).reason == BAD_CHARACTERS
+
+
 def test_a_permissive_device_pattern_still_cannot_inject() -> None:
     decoder = make([Subscription(template="x/{device}", measurement="m", device_pattern=".*")])
-    for device in ["dev1 x=1", "d,site=evil", "d\\"]:
+    for device in ["dev1 x=1", "d,site=evil", "d\\x"]:
         r = decoder.decode(f"x/{device}", b'{"v": 1}', RECEIVED)[0]
         assert written(r) == ("m", {"device": device}, {"v": 1.0}, RECEIVED)
     assert rejected("x/a\nb", '{"v": 1}', decoder).reason == BAD_CHARACTERS
+    assert rejected("x/d\\", '{"v": 1}', decoder).reason == BAD_CHARACTERS
+    # An empty device level would be a point without its device tag.
+    assert rejected("x/", '{"v": 1}', decoder).reason == DEVICE_INVALID
 
 
 def test_json_strings_and_keys_cannot_inject() -> None:
     note = 'he said "hi", a=b \\ c\\'
-    payload = {"note": note, "t x=1,y": 2, 'q"': 3}
+    payload = {"note": note, "t x=1,y": 2, "q'": 3}
     r = one("farm/n/d1/env", orjson.dumps(payload))
     assert written(r) == (
         "env",
         {"device": "d1", "site": "n"},
-        {"note": note, "t x=1,y": 2.0, 'q"': 3.0},
+        {"note": note, "t x=1,y": 2.0, "q'": 3.0},
         RECEIVED,
     )
+
+
+def test_a_double_quote_in_a_field_name_is_refused() -> None:
+    """VictoriaMetrics reads it as the start of a string: the rest of the line (fields, the
+    timestamp) was lost and the field stored as 0 (test_injection.py, on the real server)."""
+    assert rejected("farm/n/d1/env", orjson.dumps({'q"': 3})).reason == BAD_CHARACTERS
+    assert rejected("lp/n/d1", 'env q"x=1,t=2').reason == BAD_CHARACTERS
+    assert rejected('sensors/n/d1/q"x', "1").reason == BAD_CHARACTERS
+    assert rejected("tele/d1/SENSOR", orjson.dumps({"S": {'T"': 1}})).reason == BAD_CHARACTERS
+    assert one('farm/n/d1/en"v', '{"v": 1}').measurement == 'en"v'  # elsewhere it is fine
+
+
+def test_names_longer_than_256_bytes_are_refused_not_truncated() -> None:
+    """VictoriaMetrics truncates label names past 256 bytes and values past 16 KiB without a
+    word (test_injection.py shows it on the real server): such a point would be stored under
+    another name, so the name is refused."""
+    assert one(f"farm/{'s' * 256}/d1/env", '{"v": 1}').tags == {"site": "s" * 256}
+    for topic in (f"farm/{'s' * 257}/d1/env", f"farm/{'é' * 129}/d1/env", f"farm/n/d1/{'m' * 300}"):
+        assert rejected(topic, '{"v": 1}').reason == NAME_TOO_LONG
+    assert rejected("farm/n/d1/env", orjson.dumps({"k" * 257: 1})).reason == NAME_TOO_LONG
+    assert rejected("lp/n/d1", f"env,room={'r' * 257} t=1").reason == NAME_TOO_LONG
+    assert rejected("tele/d1/SENSOR", orjson.dumps({"S" * 257: {"T": 1}})).reason == NAME_TOO_LONG
+
+
+def test_a_name_tag_in_line_protocol_is_refused() -> None:
+    """VictoriaMetrics drops a tag named __name__ and keeps the point: refused instead."""
+    unrestricted = make([Subscription(template="lp/{device}", codec="line")])
+    error = rejected("lp/d1", "env,__name__=evil t=1", unrestricted)
+    assert (error.reason, error.detail) == (TAG_NOT_ALLOWED, "line 1: tag '__name__' is reserved")
+    with pytest.raises(ConfigError, match="metric name"):
+        make([Subscription(template="x/{__name__}/{device}", measurement="m")])
 
 
 def test_line_payload_cannot_smuggle_lines_or_fields() -> None:

@@ -76,33 +76,88 @@ def read_marked_yaml(path: Path, text: str | None = None) -> MarkedDocument:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             document.problems.append((Mark(1, 1), f"cannot read the file: {reason}"))
             return document
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # raises ReaderError for a non-printable character
         node = loader.get_single_node()
         if node is not None:
-            document.data = _construct(loader, node, (), document)
+            budget = _Budget(max(_MAX_NODES, 10 * len(text)))
+            document.data = _construct(loader, node, (), document, budget)
             document.values[()] = Mark.of(node.start_mark)
     except yaml.MarkedYAMLError as exc:
         document.data = None
         document.problems.append(
             (Mark.of(exc.problem_mark), f"not valid YAML: {exc.problem or exc}")
         )
+    except yaml.reader.ReaderError as exc:
+        document.data = None
+        before = text[: exc.position]
+        mark = Mark(before.count("\n") + 1, exc.position - before.rfind("\n"))
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "?")
+        document.problems.append(
+            (mark, f"not valid YAML: unacceptable character #x{code:04x}: {exc.reason}")
+        )
     except yaml.YAMLError as exc:
         document.data = None
         document.problems.append((Mark(1, 1), f"not valid YAML: {exc}"))
+    except RecursionError:  # PyYAML composes and we construct recursively
+        document.data = None
+        document.problems.append((Mark(1, 1), "not valid YAML: nested too deeply"))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return document
 
 
-def _construct(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, document: MarkedDocument) -> Any:
+_MAX_NODES = 100_000
+"""Values a document may expand to, at least (10 per byte of text is always allowed): an
+alias repeats what its anchor names, so a few hundred bytes of nested aliases ("billion
+laughs") would otherwise expand to billions of values."""
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+    def spend(self, node: yaml.Node) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"the document expands to more than {self.limit} values "
+                "(aliases repeat what their anchor names)",
+                node.start_mark,
+            )
+
+
+def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """A scalar's value; a list or mapping here (a complex key) is refused. Every problem is
+    a ``MarkedYAMLError``: PyYAML lets ValueError out of ``!!int x``, ``!!float x`` and
+    dates that do not exist (``2024-02-30``)."""
+    if not isinstance(node, yaml.ScalarNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, "a key must be a plain value, not a list or a mapping", node.start_mark
+        )
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, OverflowError) as exc:
+        kind = node.tag.rpartition(":")[2]
+        raise yaml.constructor.ConstructorError(
+            None, None, f"cannot read {node.value[:40]!r} as {kind}: {exc}", node.start_mark
+        ) from None
+
+
+def _construct(
+    loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, document: MarkedDocument, budget: _Budget
+) -> Any:
+    budget.spend(node)
     document.values[loc] = Mark.of(node.start_mark)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            raw_key = loader.construct_object(key_node, deep=True)
-            key = str(raw_key)
+            key = str(_scalar(loader, key_node))
             key_mark = Mark.of(key_node.start_mark)
             if key in result:
                 first = document.keys[(*loc, key)]
@@ -112,11 +167,11 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, document: Mar
                 )
                 continue
             document.keys[(*loc, key)] = key_mark
-            result[key] = _construct(loader, value_node, (*loc, key), document)
+            result[key] = _construct(loader, value_node, (*loc, key), document, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
         return [
-            _construct(loader, item, (*loc, index), document)
+            _construct(loader, item, (*loc, index), document, budget)
             for index, item in enumerate(node.value)
         ]
-    return loader.construct_object(node, deep=True)
+    return _scalar(loader, node)
