@@ -734,7 +734,8 @@ def check_rules_text(tmp: Path, text: str) -> str:
         for problem in exc.problems:
             found = re.match(rf"{re.escape(str(path))}:(\d+):(\d+): .", problem)
             assert found, problem
-            assert 1 <= int(found.group(1)) <= lines, problem
+            line = int(found.group(1))
+            assert line in range(1, lines + 1), problem
         return "RulesError"
     assert all(rule.source.startswith(f"{path}:") for rule in ruleset)
     return f"RuleSet of {min(len(ruleset), 3)}{'+' if len(ruleset) > 3 else ''}"
