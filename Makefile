@@ -58,12 +58,13 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
-# The fuzzing properties of tests/test_fuzz.py with FUZZ_SCALE times the suite's examples
+# The fuzzing properties of tests/test_fuzz.py with FUZZ_SCALE times the suite's examples,
+# drawn at random (make test draws the same ones every run),
 # (50: about half an hour), and hypothesis' statistics: inputs tried per target, outcomes.
 # Memory is capped (8 GiB), so an input that blows it up fails the run, not the machine.
 FUZZ_SCALE ?= 50
 fuzz: setup
-	ulimit -v 8388608 && FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest tests/test_fuzz.py \
+	ulimit -v 8388608 && HYPOTHESIS_PROFILE=explore FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest tests/test_fuzz.py \
 	  -o timeout=0 --hypothesis-show-statistics $(PYTEST_ARGS)
 
 # The soak (soak/run.py): the simulator against ingestd for DURATION while VictoriaMetrics and

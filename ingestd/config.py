@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ingestd.errors import ConfigError
+from ingestd.errors import ConfigError, key_path
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -1105,7 +1105,7 @@ def _format_errors(exc: ValidationError, origins: _Origins, environ: Mapping[str
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = key_path(loc)
         bad = error.get("input")
         secret = any(str(p) in {"password", "token"} for p in loc)
         shown = "***" if secret else repr(bad) if not isinstance(bad, dict) else "a mapping"

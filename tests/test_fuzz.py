@@ -743,6 +743,8 @@ def check_rules_text(tmp: Path, text: str) -> str:
 
 @fuzz(500)
 @given(rule_documents())
+@example("rules: []\n? '\n\n  '\n: null\n")  # a key that is a line break: quoted, one line
+@example("rules:\n- name: x\n  ? 'se lect'\n  : 1\n")
 def test_any_rule_file_is_a_ruleset_or_problems_at_file_line_column(text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         event(check_rules_text(Path(tmp), text))
@@ -908,6 +910,9 @@ def check_config_text(tmp: Path, text: str) -> str:
         QuotaRules(settings.quotas)
     except ConfigError as exc:
         assert str(path) in str(exc) or "subscription" in str(exc) or "quota" in str(exc), exc
+        counted = re.match(r"invalid configuration \((\d+) problems?\):\n", str(exc))
+        if counted:  # one line per problem, whatever the keys are called
+            assert len(str(exc).split("\n")) == int(counted.group(1)) + 1, exc
         return "ConfigError"
     assert isinstance(settings, Settings)
     return "Settings"
@@ -922,6 +927,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @fuzz(400)
 @given(config_documents())
+@example("mqtt: {}\n? '\n\n  '\n: null\n")  # a key that is a line break: quoted, one line
 def test_any_config_file_is_settings_or_a_config_error(text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         event(check_config_text(Path(tmp), text))

@@ -19,7 +19,7 @@ from typing import Any
 from jinja2 import Template, TemplateError
 from pydantic import BaseModel, ValidationError
 
-from ingestd.errors import ConfigError
+from ingestd.errors import ConfigError, key_path
 from ingestd.rules.glob import Glob, GlobError
 from ingestd.rules.model import (
     RESERVED_SEVERITIES,
@@ -147,7 +147,7 @@ class _Collector:
 
     def add(self, loc: Loc, reason: str, *, key: bool = False) -> None:
         mark = self.document.mark(loc, key=key)
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = key_path(loc)
         self.problems.append((str(self.document.path), mark.line, mark.column, f"{path}: {reason}"))
 
 
