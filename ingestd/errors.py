@@ -32,7 +32,6 @@ def key_path(loc: Iterable[str | int]) -> str:
     plain word (a typo with a space, a newline, an empty key) is quoted, so a message stays
     on one line and says exactly which key it means."""
     parts = [
-        str(p) if isinstance(p, int) or _PLAIN_KEY.fullmatch(str(p)) else repr(str(p))
-        for p in loc
+        str(p) if isinstance(p, int) or _PLAIN_KEY.fullmatch(str(p)) else repr(str(p)) for p in loc
     ]
     return ".".join(parts) or "(top level)"
