@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -40,7 +40,15 @@ from ingestd.rules import AlertEvent, Engine, RulesError, RuleSet, SnapshotError
 if TYPE_CHECKING:
     from ingestd.notify import Handoff
 
-__all__ = ["ACK_FILTER", "AlertStage"]
+__all__ = [
+    "ACK_FILTER",
+    "AlertStage",
+    "AlertView",
+    "FileStore",
+    "Publish",
+    "StateStore",
+    "run_writes",
+]
 
 log = get_logger("alerts")
 
@@ -57,6 +65,64 @@ Publish = Callable[[str, bytes, bool], bool]
 """(topic, payload, retain) -> whether the broker connection took it."""
 
 
+class AlertView(Protocol):
+    """What the HTTP API asks of the alerts (one stage, or a cluster's partitions)."""
+
+    def firing(self) -> list[dict[str, Any]]: ...
+
+    def acknowledge(self, alert_id: str, by: str) -> dict[str, Any] | None: ...
+
+
+class StateStore(Protocol):
+    """Where an alert stage keeps its state: files in the spool dir (one instance), or Redis
+    (a partition of a cluster, :mod:`ingestd.cluster.rules`)."""
+
+    def load(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The last full snapshot and the last essential one (either may be missing)."""
+
+    async def save_recent(self, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
+        """The transitions' hand-offs (outbox, history), then the essential snapshot."""
+
+    async def save_full(self, snapshot: dict[str, Any]) -> bool:
+        """The whole state."""
+
+    def close(self) -> None: ...
+
+
+class FileStore:
+    """``alerts.json`` (full) and ``alerts.recent.json`` (essential) in the spool dir, written
+    one at a time, in order, in their own thread, so a cancelled or overlapping save can never
+    put an older state in place."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.full_file = state_dir / "alerts.json"
+        self.recent_file = state_dir / "alerts.recent.json"
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
+
+    def __str__(self) -> str:
+        return str(self.full_file)
+
+    def load(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        recent: dict[str, Any] | None = None
+        full: dict[str, Any] | None = None
+        with contextlib.suppress(FileNotFoundError):
+            recent = orjson.loads(self.recent_file.read_bytes())
+        with contextlib.suppress(FileNotFoundError):
+            full = orjson.loads(self.full_file.read_bytes())
+        return full, recent
+
+    async def save_recent(self, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._saver, _save, self.recent_file, data, writes)
+
+    async def save_full(self, snapshot: dict[str, Any]) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._saver, _save_json, self.full_file, snapshot)
+
+    def close(self) -> None:
+        self._saver.shutdown(wait=True)
+
+
 class AlertStage:
     def __init__(
         self,
@@ -69,14 +135,15 @@ class AlertStage:
         clock: Callable[[], float] = time.time,
         notifier: Handoff | None = None,
         history: Handoff | None = None,
+        store: StateStore | None = None,
+        ruleset: RuleSet | None = None,
     ) -> None:
         self._section = section
         self._notifier = notifier
         self._history = history
-        self._state_file = state_dir / "alerts.json"
         # The alerts a transition changed, saved at every transition (cheap), laid over
         # the full state, saved every _FULL_EVERY (its cost grows with the fleet).
-        self._recent_file = state_dir / "alerts.recent.json"
+        self._store: StateStore = store if store is not None else FileStore(state_dir)
         self._metrics = metrics
         self._health = health
         self._publish = publish
@@ -89,10 +156,9 @@ class AlertStage:
         self._saved_at = 0.0
         self._full_at = time.monotonic()
         self._save_lock = asyncio.Lock()
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
         self._evaluations = 0
         self._signature = self._files_signature()
-        self.engine = Engine(self._load_initial(), clock)
+        self.engine = Engine(ruleset if ruleset is not None else self._load_initial(), clock)
         self._restore()
         metrics.rules_loaded.set(len(self.engine.ruleset))
 
@@ -108,12 +174,8 @@ class AlertStage:
 
     def _restore(self) -> None:
         try:
-            recent: dict[str, Any] | None = None
-            with contextlib.suppress(FileNotFoundError):
-                recent = orjson.loads(self._recent_file.read_bytes())
-            try:
-                snapshot = orjson.loads(self._state_file.read_bytes())
-            except FileNotFoundError:
+            snapshot, recent = self._store.load()
+            if snapshot is None:
                 if recent is None:
                     return
                 snapshot = {**recent, "at": 0.0, "states": []}  # killed before a full save
@@ -121,8 +183,7 @@ class AlertStage:
         except (SnapshotError, orjson.JSONDecodeError) as exc:
             log.error("alert state unreadable; starting without it", error=str(exc))
             return
-        firing = len(self.engine.firing())
-        log.info("alert state restored", firing=firing, file=str(self._state_file))
+        log.info("alert state restored", firing=len(self.engine.firing()), store=str(self._store))
 
     # --- input --------------------------------------------------------------------------
 
@@ -203,30 +264,45 @@ class AlertStage:
         """Timers (for, deadman, repeat), saving state, watching the rule files."""
         next_watch = 0.0
         while True:
-            deadline = self.engine.next_deadline()
-            now = self._clock()
-            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-            await asyncio.sleep(wait)
-            events = self.engine.tick()
-            if events:
-                self._emit(events)
-            self._flush()
-            if self._dirty:
-                await self.save_if_changed()
-            if self._stale and time.monotonic() >= self._full_at + _FULL_EVERY:
-                await self.save_full()
-            evaluations = self.engine.stats.evaluations
-            self._metrics.rule_evaluations.inc(max(0, evaluations - self._evaluations))
-            self._evaluations = evaluations
-            counts = self.engine.counts()
-            for state, count in counts.items():
+            await asyncio.sleep(self.wait())
+            await self.step()
+            for state, count in self.engine.counts().items():
                 self._metrics.alerts.labels(state).set(count)
             if time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + self._section.watch_interval
-                signature = self._files_signature()
-                if signature != self._signature:
-                    self._signature = signature
+                if self.rules_changed():
                     await self.reload("a rule file changed")
+
+    def wait(self) -> float:
+        """Seconds until the next timer is due (at most one)."""
+        deadline = self.engine.next_deadline()
+        return 1.0 if deadline is None else min(1.0, max(0.0, deadline - self._clock()))
+
+    async def step(self) -> None:
+        """Run the timers that are due, publish, save what changed."""
+        events = self.engine.tick()
+        if events:
+            self._emit(events)
+        self._flush()
+        if self._dirty:
+            await self.save_if_changed()
+        if self._stale and time.monotonic() >= self._full_at + _FULL_EVERY:
+            await self.save_full()
+        evaluations = self.engine.stats.evaluations
+        self._metrics.rule_evaluations.inc(max(0, evaluations - self._evaluations))
+        self._evaluations = evaluations
+
+    def rules_changed(self) -> bool:
+        """Whether a rule file changed since the last look (or load)."""
+        signature = self._files_signature()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        return True
+
+    def owns(self, alert_id: str) -> bool:
+        """Whether this stage holds the open alert ``alert_id``."""
+        return any(alert.id == alert_id for alert in self.engine.active())
 
     async def save_if_changed(self) -> None:
         """Return once every transition so far is saved. The spool runs this beside each
@@ -263,15 +339,17 @@ class AlertStage:
         for part in parts:
             states.extend(part)
             await asyncio.sleep(0)
-        snapshot = {**header, "states": states}
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._saver, _save_json, self._state_file, snapshot):
+        try:
+            saved = await self._store.save_full({**header, "states": states})
+        except BaseException:
+            self._stale = True
+            raise
+        if not saved:
             self._stale = True  # try again at the next turn
 
     async def _save(self) -> None:
         """The transitions: the notification outbox, the alert history and the essential
-        state, in one ordered step. Saves run one at a time, in order, in their own thread,
-        so a cancelled or overlapping save can never put an older state in place."""
+        state, in one ordered step (see the store)."""
         self._dirty = False
         self._saved_at = time.monotonic()
         data = orjson.dumps(self.engine.snapshot(essential=True))
@@ -280,12 +358,25 @@ class AlertStage:
             for handoff in (self._notifier, self._history)
             if handoff is not None and (write := handoff.take()) is not None
         ]
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._saver, _save, self._recent_file, data, writes):
+        try:
+            saved = await self._store.save_recent(data, writes)
+        except BaseException:
+            self._dirty = True
+            raise
+        if not saved:
             self._dirty = True  # try again at the next turn
 
     async def reload(self, why: str) -> bool:
         """Validate everything, then swap; keep the old rules when anything is wrong."""
+        ruleset = await self.load_rules(why)
+        if ruleset is None:
+            return False
+        events = await self.apply(ruleset)
+        self.reloaded(ruleset, why, events)
+        return True
+
+    async def load_rules(self, why: str) -> RuleSet | None:
+        """The rules as the files say now; None (said loudly, on MQTT too) when invalid."""
         self._signature = self._files_signature()
         failure: RulesError | None = None
         try:
@@ -305,16 +396,23 @@ class AlertStage:
             }
             self._queue(ERROR_TOPIC, orjson.dumps(notice), False)
             self._flush()
-            return False
+            return None
+        return ruleset
+
+    async def apply(self, ruleset: RuleSet) -> int:
+        """Swap to ``ruleset`` (valid), keeping every alert's state; the events it caused."""
         events = self.engine.reload(ruleset)
-        self._metrics.rule_reloads.inc()
-        self._metrics.rules_loaded.set(len(ruleset))
-        self._health.ok("rules", f"{len(ruleset)} rules")
-        log.info("rules reloaded", why=why, rules=len(ruleset), events=len(events))
         if events:
             self._emit(events)
         await self.save()
-        return True
+        return len(events)
+
+    def reloaded(self, ruleset: RuleSet, why: str, events: int) -> None:
+        """Say that the rules were reloaded (metrics, health, log)."""
+        self._metrics.rule_reloads.inc()
+        self._metrics.rules_loaded.set(len(ruleset))
+        self._health.ok("rules", f"{len(ruleset)} rules")
+        log.info("rules reloaded", why=why, rules=len(ruleset), events=events)
 
     def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
         directory = self._section.dir
@@ -331,15 +429,19 @@ class AlertStage:
     async def close(self) -> None:
         self._flush()
         await self.save()
-        self._saver.shutdown(wait=True)
+        self._store.close()
+
+
+def run_writes(writes: Sequence[Callable[[], bool]]) -> bool:
+    """The hand-offs' writes (outbox, history); each stages its data again when it fails."""
+    return all([write() for write in writes])  # every write runs, even after a failure
 
 
 def _save(path: Path, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
     """The notification outbox and the alert history first, in the same ordered step: a
     crash in between repeats a transition (it happens again after the restart), it never
-    loses one. Each write stages its own data again when it fails."""
-    ok = all([write() for write in writes])  # every write runs, even after a failure
-    return _write_atomically(path, data) if ok else False
+    loses one."""
+    return _write_atomically(path, data) if run_writes(writes) else False
 
 
 def _save_json(path: Path, snapshot: dict[str, Any]) -> bool:

@@ -216,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--interval", type=float, default=1.0, help="seconds between the two /metrics samples"
     )
+    status.add_argument(
+        "--cluster",
+        action="store_true",
+        help="every instance of the cluster (cluster.enabled), from Redis: heartbeats, rates,"
+        " partitions owned and partitions without an owner",
+    )
     tail = commands.add_parser(
         "tail", parents=[common], help="follow alert events live (firing, acknowledged, resolved)"
     )
@@ -559,6 +565,8 @@ def _broker(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from ingestd import operator  # noqa: PLC0415
 
+    if args.cluster:
+        return operator.cluster_status(_load(args), sys.stdout)
     return operator.status(_load(args), sys.stdout, interval=args.interval)
 
 

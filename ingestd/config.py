@@ -47,6 +47,7 @@ __all__ = [
     "DURATION_HELP",
     "ENV_PREFIX",
     "TEMPLATE_VAR",
+    "ClusterSection",
     "Duration",
     "GuardSection",
     "HttpSection",
@@ -807,6 +808,34 @@ class LatestSection(Section):
         return value
 
 
+class ClusterSection(Section):
+    """Several instances as one system (needs redis.url and a shared subscription): the
+    rules' devices are split into ``partitions``, each owned by one instance at a time under
+    a lease in Redis; every instance forwards its readings to the owner's partition stream,
+    and a dead instance's partitions move to the others when its lease runs out."""
+
+    enabled: bool = False
+    instance: str = Field(default_factory=socket.gethostname, pattern=r"^[\w.@-]+$")
+    """This instance's name in the cluster (``ingestd status --cluster``); unique per instance."""
+    partitions: int = Field(default=32, ge=1, le=4096)
+    """How the devices are split for the rules; every instance must use the same number."""
+    lease: Duration = 10.0
+    """A partition's owner renews its lease every lease/5; when the owner dies, another
+    instance takes the partition (and its deadman timers) at most this long after."""
+    heartbeat: Duration = 2.0
+    """How often an instance says it is alive, with its rates (``ingestd status --cluster``)."""
+    forward_max: int = Field(default=200_000, ge=1000)
+    """Readings waiting for Redis to take them (while it is down); beyond, the oldest go
+    unevaluated by the rules (counted; they are stored all the same)."""
+
+    @field_validator("lease", "heartbeat")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0")
+        return value
+
+
 class RetentionSection(Section):
     """How long history is kept; ``ingestd retention apply`` deletes what is older."""
 
@@ -886,6 +915,7 @@ class Settings(BaseSettings):
     registry: RegistrySection = RegistrySection()
     latest: LatestSection = LatestSection()
     retention: RetentionSection = RetentionSection()
+    cluster: ClusterSection = ClusterSection()
     http: HttpSection = HttpSection()
     logging: LoggingSection = LoggingSection()
 
@@ -893,6 +923,19 @@ class Settings(BaseSettings):
     def _needs(self) -> Settings:
         if self.quotas.backend == "redis" and not self.redis.url:
             raise ValueError("quotas.backend redis needs redis.url (e.g. redis://127.0.0.1:6379/0)")
+        if self.cluster.enabled:
+            if not self.redis.url:
+                raise ValueError("cluster.enabled needs redis.url: the instances meet in Redis")
+            if not self.mqtt.share_group:
+                raise ValueError(
+                    "cluster.enabled needs mqtt.share_group (e.g. ingestd): without a shared"
+                    " subscription every instance would store every reading"
+                )
+            if self.notify.outbox != "postgres":
+                raise ValueError(
+                    "cluster.enabled needs notify.outbox: postgres (and postgres.url): one"
+                    " outbox for every instance, so a notification goes out once"
+                )
         if self.notify.outbox == "postgres" and not self.postgres.url:
             raise ValueError("notify.outbox postgres needs postgres.url (or notify.outbox: local)")
         if self.registry.unknown != "accept" and not self.postgres.url:

@@ -28,6 +28,8 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from ingestd.alerts import ACK_FILTER, AlertStage
+from ingestd.cluster.members import Members
+from ingestd.cluster.rules import ClusterRules
 from ingestd.config import Settings
 from ingestd.deadletters import DeadLetter, DeadLetters
 from ingestd.decode import Decoder
@@ -116,17 +118,37 @@ class Daemon:
             self.history = History(
                 settings.postgres, self.pool, settings.spool.dir, self.metrics, self.health
             )
-        self.alerts = AlertStage(
-            settings.rules,
-            settings.spool.dir,
-            self.metrics,
-            self.health,
-            self.source.publish,
-            notifier=self.notifier,
-            history=self.history,
-        )
         # One Redis client (one connection pool) for every stage that uses Redis.
         self.redis = connect_redis(settings.redis) if settings.redis.url else None
+        self.members: Members | None = None
+        self.alerts: AlertStage | ClusterRules
+        if settings.cluster.enabled and self.redis is not None:
+            self.members = Members(settings.cluster, self.redis, self.metrics, self.health)
+            self.alerts = ClusterRules(
+                settings,
+                self.redis,
+                self.metrics,
+                self.health,
+                self.source.publish,
+                notifier=self.notifier,
+                history=self.history,
+                members=self.members,
+            )
+            if settings.quotas.backend != "redis":
+                log.warning(
+                    "cluster with quotas.backend memory: every instance allows a device its"
+                    " whole quota; set quotas.backend: redis for one quota across the cluster"
+                )
+        else:
+            self.alerts = AlertStage(
+                settings.rules,
+                settings.spool.dir,
+                self.metrics,
+                self.health,
+                self.source.publish,
+                notifier=self.notifier,
+                history=self.history,
+            )
         self.throttle = Throttle(
             settings.quotas, self.metrics, self.health, self.source.publish, redis=self.redis
         )
@@ -195,6 +217,8 @@ class Daemon:
                 tasks.append(asyncio.create_task(self._gate_loop(), name="quota-gate"))
             if self.latest is not None:
                 tasks.append(asyncio.create_task(self.latest.run(), name="latest"))
+            if self.members is not None:
+                tasks.append(asyncio.create_task(self.members.run(), name="members"))
             if self.registry is not None and self.pool is not None and self.history is not None:
                 await self.pool.open(wait=False)  # connects (and reconnects) in the background
                 tasks.append(asyncio.create_task(self.registry.run(), name="registry"))
@@ -274,6 +298,8 @@ class Daemon:
                 " the broker redelivers them at the next start"
             )
         await self.alerts.close()
+        if self.members is not None:
+            await self.members.leave()
         if self.history is not None:
             await self.history.close()  # a brief try; what is left goes out at next start
         await self.notifier.close()

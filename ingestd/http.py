@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingestd.alerts import AlertStage
+from ingestd.alerts import AlertView
 from ingestd.config import HttpSection
 from ingestd.health import Health
 from ingestd.latest import Latest, LatestUnavailable
@@ -46,7 +46,7 @@ class HttpServer:
         health: Health,
         registry: CollectorRegistry,
         throttle: Throttle | None = None,
-        alerts: AlertStage | None = None,
+        alerts: AlertView | None = None,
         *,
         latest: Latest | None = None,
     ) -> None:

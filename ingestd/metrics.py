@@ -215,3 +215,34 @@ class Metrics:
             "Failed attempts to write alert history to PostgreSQL",
             registry=r,
         )
+        self.cluster_partitions = Gauge(
+            "ingestd_cluster_partitions",
+            "Rule partitions this instance owns (cluster.enabled)",
+            registry=r,
+        )
+        self.cluster_forwarded = Counter(
+            "ingestd_cluster_forwarded",
+            "Readings forwarded to their partition's stream in Redis, for the rules",
+            registry=r,
+        )
+        self.cluster_forward_waiting = Gauge(
+            "ingestd_cluster_forward_waiting",
+            "Readings waiting for Redis to take them (Redis down or slow)",
+            registry=r,
+        )
+        self.cluster_forward_dropped = Counter(
+            "ingestd_cluster_forward_dropped",
+            "Readings the rules never saw: cluster.forward_max exceeded while Redis was down",
+            registry=r,
+        )
+        self.cluster_handovers = Counter(
+            "ingestd_cluster_handovers",
+            "Partitions taken over (gained) or given up (released, lost)",
+            ["how"],
+            registry=r,
+        )
+        self.redis_round_trips = Counter(
+            "ingestd_cluster_redis_round_trips",
+            "Round trips to Redis made by the cluster (forwarding, reading, leases, saves)",
+            registry=r,
+        )

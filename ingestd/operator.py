@@ -1,9 +1,11 @@
-"""Operator tools: ``ingestd status`` (a one-screen summary from the daemon's HTTP endpoint)
-and ``ingestd tail`` (a live view of the alert topics). Plain text that works over SSH;
+"""Operator tools: ``ingestd status`` (a one-screen summary from the daemon's HTTP endpoint),
+``ingestd status --cluster`` (the instances of a cluster, from Redis) and ``ingestd tail``
+(a live view of the alert topics). Plain text that works over SSH;
 ANSI colour only when the output is a terminal and ``NO_COLOR`` is not set."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import time
@@ -21,9 +23,20 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestd.config import MqttSection, Settings
+from ingestd.cluster.members import ClusterUnavailable, Member, lease_owners, list_members
+from ingestd.config import MqttSection, RedisSection, Settings, mask_url
+from ingestd.store.redis import connect as connect_redis
 
-__all__ = ["Metrics", "Tail", "format_event", "parse_metrics", "status", "tail", "use_colour"]
+__all__ = [
+    "Metrics",
+    "Tail",
+    "cluster_status",
+    "format_event",
+    "parse_metrics",
+    "status",
+    "tail",
+    "use_colour",
+]
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -207,6 +220,134 @@ def status(
     out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK if healthy else EXIT_FAILURE
+
+
+# --- status --cluster -------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
+
+
+def _ranges(partitions: Iterable[int]) -> str:
+    """``0, 3-5, 9``: a long list of partitions stays on one readable line."""
+    spans: list[list[int]] = []
+    for p in sorted(partitions):
+        if spans and p == spans[-1][1] + 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+async def _read_cluster(
+    section: RedisSection, partitions: int
+) -> tuple[list[Member], dict[int, str | None]]:
+    client = connect_redis(section)
+    try:
+        return await list_members(client), await lease_owners(client, partitions)
+    finally:
+        await client.aclose()
+
+
+def cluster_status(settings: Settings, out: TextIO, *, colour: bool | None = None) -> int:
+    """Print every live instance of the cluster (heartbeat, rates, spool, partitions held)
+    and the partitions nobody holds, straight from Redis (no daemon has to answer). 0 when
+    at least one instance is live and every partition has an owner, else 1 with the
+    reason."""
+    painted = use_colour(out) if colour is None else colour
+    prefix = "ingestd status --cluster"
+    if not settings.cluster.enabled:
+        print(
+            f"{prefix}: cluster.enabled is false in this configuration; the cluster is read"
+            " with the configuration of one of its instances (--config)",
+            file=out,
+        )
+        return EXIT_FAILURE
+    if not settings.redis.url:
+        print(f"{prefix}: redis.url is not set; the instances of a cluster meet in Redis", file=out)
+        return EXIT_FAILURE
+    where = mask_url(settings.redis.url)
+    count = settings.cluster.partitions
+    try:
+        members, owners = asyncio.run(_read_cluster(settings.redis, count))
+    except ClusterUnavailable as exc:
+        print(f"{prefix}: UNREACHABLE: cannot read the cluster from {where}: {exc}", file=out)
+        print("  is Redis running, and is redis.url the one the instances use?", file=out)
+        return EXIT_FAILURE
+
+    held: dict[str, int] = {}
+    for owner in owners.values():
+        if owner is not None:
+            held[owner] = held.get(owner, 0) + 1
+    unowned = [p for p, owner in owners.items() if owner is None]
+    live = {m["instance"] for m in members}
+    problems = []
+    if not members:
+        problems.append(
+            "no live instance: none sent a heartbeat within 3 heartbeats (is ingestd running"
+            " with cluster.enabled, and are the instances reaching this Redis?)"
+        )
+    if unowned:
+        problems.append(
+            f"{len(unowned)} of {_count(count, 'partition')} without an owner: their devices' rules"
+            " are not evaluated"
+        )
+
+    verdict = _paint("DEGRADED", RED + BOLD, painted) if problems else _paint("OK", GREEN, painted)
+    lines = [
+        f"cluster at {where}: {verdict}, {_count(len(members), 'live instance')},"
+        f" {_count(count, 'partition')}"
+    ]
+    if members:
+        header = ("INSTANCE", "HOST", "PID", "UPTIME", "LAST BEAT", "RECV/S", "WRITTEN/S")
+        rows = [(*header, "SPOOL", "PARTITIONS")]
+        rows += [
+            (
+                m["instance"],
+                m["host"],
+                str(m["pid"]),
+                _duration(m["uptime"]),
+                f"{_duration(m['since_beat'])} ago",
+                f"{m['received_per_s']:.1f}",
+                f"{m['written_per_s']:.1f}",
+                str(m["spool_waiting"]),
+                str(held.get(m["instance"], 0)),  # the leases are the authority
+            )
+            for m in members
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            # names to the left, numbers to the right
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+            lines.append("  " + "  ".join(cells))
+    if unowned:
+        lines.append(_paint(f"partitions without an owner: {_ranges(unowned)}", RED, painted))
+    else:
+        lines.append(f"all {count} partitions owned")
+    for instance in sorted(set(held) - live):
+        lines.append(
+            f"note: {instance} holds {_count(held[instance], 'partition')} but sends no heartbeat;"
+            " another instance takes them when its leases run out (cluster.lease)"
+        )
+    if problems:
+        lines.append(_paint("degraded: " + "; ".join(problems), RED, painted))
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 # --- tail -------------------------------------------------------------------------------
