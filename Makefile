@@ -14,7 +14,7 @@ DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-met
                 python3-venv systemd
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test lint run bench bench-quick fuzz soak clean
+.PHONY: setup system-packages test lint run bench bench-quick bench-cluster fuzz soak clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -57,6 +57,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
+# 1, 2 and 3 instances of one cluster draining the same backlog (bench/cluster.py).
+bench-cluster: setup
+	$(BIN)/python bench/cluster.py $(if $(QUICK),--quick)
 
 # The fuzzing properties of tests/test_fuzz.py with FUZZ_SCALE times the suite's examples,
 # drawn at random (make test draws the same ones every run),

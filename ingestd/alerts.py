@@ -187,7 +187,9 @@ class AlertStage:
 
     # --- input --------------------------------------------------------------------------
 
-    def evaluate(self, readings: Sequence[Reading]) -> None:
+    def evaluate(self, readings: Sequence[Reading], *, announce: bool = True) -> None:
+        """Readings through the rules; ``announce=False`` (a cluster partition replaying what
+        its previous owner already announced) moves the state without any event."""
         self._stale = True
         engine = self.engine
         for reading in readings:
@@ -197,7 +199,7 @@ class AlertStage:
                 self._metrics.rule_errors.inc()
                 log.exception("internal error evaluating rules; reading skipped by the rules")
                 continue
-            if events:
+            if events and announce:
                 self._emit(events)
 
     @staticmethod

@@ -12,9 +12,12 @@ An owner also stops on its own clock: without a successful renewal for 0.8 x lea
 treats the partition as suspended (Redis unreachable) until it knows more.
 
 Redis restarted without its data (every lease, snapshot and stream gone) shows as a new
-*epoch* (the random value of ``ingestd:cluster:epoch`` changed). Then, for one lease time,
-owners re-assert the partitions they held (their rule state is intact in memory) and
-nobody takes a free partition, so no partition restarts from nothing while its owner lives.
+*epoch* (``ingestd:cluster:epoch`` missing or changed). For one lease time after an epoch
+is made (``ingestd:cluster:fresh`` exists), owners re-assert the partitions they held
+(their rule state is intact in memory) and nobody takes a free partition, so no partition
+restarts from nothing while its owner lives; an instance started in that time waits too.
+A new cluster therefore evaluates its first readings one lease time after it starts (they
+wait in the streams, nothing is missed).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = get_logger("cluster")
 
 PREFIX = "ingestd:cluster:"
 _EPOCH = PREFIX + "epoch"
+_FRESH = PREFIX + "fresh"  # exists for one lease time after the epoch was made
 _FENCE = PREFIX + "fence"
 _LOCAL_SHARE = 0.8  # of the lease: how long an owner trusts a renewal on its own clock
 
@@ -57,7 +61,7 @@ for i, key in ipairs(KEYS) do
     out[i] = 1
   elseif not held and ARGV[2] == '1' then
     redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[1])
-    out[i] = 1
+    out[i] = 2
   else
     out[i] = 0
   end
@@ -131,7 +135,7 @@ class Leases:
         """partition -> lease value, for the partitions this instance owns."""
         self._trusted_until: dict[int, float] = {}
         self._epoch: str | None = None
-        self._grace_until = 0.0
+        self._in_grace = False
         self._renew = redis.register_script(_RENEW)
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
@@ -150,22 +154,24 @@ class Leases:
         if len(self.held) > share:
             # Give up the highest numbers: every instance agrees which go, no ping-pong.
             out.surplus = sorted(self.held)[share:]
-        elif len(self.held) < share and self._monotonic() >= self._grace_until:
+        elif len(self.held) < share and not self._in_grace:
             await self._take(share - len(self.held), out)
         return out
 
     async def _check_epoch(self) -> bool:
         self._count()
-        epoch = await self._redis.get(_EPOCH)
+        epoch, fresh = await self._redis.mget([_EPOCH, _FRESH])
         if epoch is None:
             self._count()
-            await self._redis.set(_EPOCH, secrets.token_hex(8), nx=True)
-            self._count()
-            epoch = await self._redis.get(_EPOCH)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(_EPOCH, secrets.token_hex(8), nx=True)
+                pipe.set(_FRESH, b"1", px=self._ttl_ms, nx=True)
+                pipe.mget([_EPOCH, _FRESH])
+                *_, (epoch, fresh) = await pipe.execute()
+        self._in_grace = fresh is not None
         epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         changed = self._epoch is not None and epoch != self._epoch
         if changed:
-            self._grace_until = self._monotonic() + self._section.lease
             log.warning(
                 "Redis lost the cluster's data (restarted without persistence?): partitions"
                 " this instance held are taken back from memory; free ones wait a lease time",
@@ -179,7 +185,7 @@ class Leases:
             return
         parts = sorted(self.held)
         sent = self._monotonic()
-        reassert = "1" if sent < self._grace_until else "0"
+        reassert = "1" if self._in_grace else "0"
         self._count()
         results = await self._renew(
             keys=[lease_key(p) for p in parts],
@@ -188,7 +194,7 @@ class Leases:
         for partition, kept in zip(parts, results, strict=True):
             if kept:
                 self._trusted_until[partition] = sent + self._section.lease * _LOCAL_SHARE
-                if reassert == "1":
+                if kept == 2:  # Redis had lost it: taken back
                     out.reasserted.append(partition)
             else:
                 self._forget(partition)

@@ -54,10 +54,11 @@ __all__ = ["ClusterRules", "PartitionUnavailable", "RedisStore"]
 
 log = get_logger("cluster")
 
-_READ_COUNT = 500  # stream entries per partition per read (each a batch of readings)
+_READ_COUNT = 200  # stream entries per partition per read (each a batch of readings)
 _READ_BLOCK = 0.1  # seconds: the longest a read waits for new entries
 _STREAM_MAX = 1_000_000  # entries a partition's stream keeps at most (no owner for long)
 _RETRY = 1.0  # seconds between forwarding attempts while Redis is down
+_ACK_WAIT = 0.5  # seconds an acknowledgement waits at most for Redis to take its readings
 _ACK_PREFIX = ACK_FILTER[:-1]
 
 
@@ -101,6 +102,9 @@ class RedisStore:
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"partition-{partition}")
         self.position = "0-0"
         """The last stream entry the engine has seen."""
+        self.replay_until: tuple[int, int] | None = None
+        """Entries up to here were evaluated and announced by the previous owner."""
+        self.clock = _ReplayClock(time.time)
 
     def __str__(self) -> str:
         return f"redis partition {self._partition}"
@@ -109,6 +113,8 @@ class RedisStore:
         return self._loaded
 
     async def save_recent(self, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
+        if not self._leases.valid(self._partition):
+            raise PartitionUnavailable(self._partition, lost=False)
         position = self.position
         loop = asyncio.get_running_loop()
         if writes and not await loop.run_in_executor(self._saver, run_writes, writes):
@@ -162,6 +168,23 @@ class _NoStore:
         pass
 
 
+class _ReplayClock:
+    """Wall-clock time, except while a new owner replays what its predecessor already
+    evaluated: then the time the reading reached Redis, so timers fall due as they did."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.fixed: float | None = None
+
+    def __call__(self) -> float:
+        return self._clock() if self.fixed is None else self.fixed
+
+
+def _position(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _encode(reading: Reading) -> list[Any]:
     return [reading.measurement, reading.device, reading.tags, reading.fields, reading.time_ns]
 
@@ -204,6 +227,7 @@ class ClusterRules:
         self._queued: deque[tuple[int, list[Any]]] = deque()
         self._queued_count = 0
         self._forward_lock = asyncio.Lock()
+        self._reloads: list[tuple[str, asyncio.Future[bool]]] = []
         self._retry_at = 0.0
         self._redis_ok = True
 
@@ -235,7 +259,10 @@ class ClusterRules:
         """Beside each spool commit: the readings go to Redis before they are acknowledged,
         unless Redis is down (then they wait in memory and the acks do not)."""
         if self._queued and time.monotonic() >= self._retry_at:
-            await self._forward()
+            try:
+                await asyncio.wait_for(self._forward(), _ACK_WAIT)
+            except TimeoutError:  # Redis slow or hanging: the loop keeps trying, acks go on
+                self._retry_at = time.monotonic() + _RETRY
 
     async def _forward(self) -> None:
         async with self._forward_lock:
@@ -259,12 +286,14 @@ class ClusterRules:
             try:
                 self._metrics.redis_round_trips.inc()
                 await pipe.execute()
-            except RedisError as exc:
+            except BaseException as exc:  # cancelled too: the batch waits, never vanishes
                 batch.extend(self._queued)  # newer ones after the older ones
                 self._queued = batch
                 self._queued_count += count
                 self._retry_at = time.monotonic() + _RETRY
                 self._metrics.cluster_forward_waiting.set(self._queued_count)
+                if not isinstance(exc, RedisError):
+                    raise
                 self._down(f"Redis unreachable; {self._queued_count} readings wait: {exc}")
                 return
             self._metrics.cluster_forwarded.inc(count)
@@ -298,6 +327,11 @@ class ClusterRules:
                     await self._forward()
                 await self._read()
                 await self._step()
+                while self._reloads:  # between steps: no partition is half-way anywhere
+                    why, done = self._reloads.pop(0)
+                    result = await self._reload(why)
+                    if not done.done():
+                        done.set_result(result)
             except RedisError as exc:
                 self._down(f"Redis unreachable: {exc}")
                 await asyncio.sleep(min(_RETRY, self._section.lease / 5))
@@ -305,7 +339,7 @@ class ClusterRules:
             if time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + self._settings.rules.watch_interval
                 if self._control.rules_changed():
-                    await self.reload("a rule file changed")
+                    await self._reload("a rule file changed")
 
     async def _cycle(self) -> None:
         live = 1
@@ -315,20 +349,28 @@ class ClusterRules:
             live = max(1, await self._redis.zcount(
                 PREFIX + "members", self._clock() - 3 * heartbeat, "+inf"
             ))  # fmt: skip
-        outcome = await self.leases.cycle(live)
-        for partition in outcome.lost:
-            self._abandon(partition, "its lease was lost (another instance holds it now)")
-        for partition in outcome.surplus:
-            await self._give_up(partition)
-        for partition, value in outcome.gained:
-            await self._take(partition, value)
-        for partition in outcome.reasserted:
-            stage = self.stages.get(partition)
-            if stage is not None:  # Redis lost it: write the state from memory back
-                await self._guarded(partition, stage.save())
+        try:
+            outcome = await self.leases.cycle(live)
+            for partition in outcome.surplus:
+                await self._give_up(partition)
+            for partition in outcome.reasserted:
+                stage = self.stages.get(partition)
+                if stage is not None:  # Redis lost it: write the state from memory back
+                    await self._guarded(partition, stage.save())
+        finally:
+            await self._reconcile()
         if self._members is not None:
             self._members.set_partitions(sorted(self.stages))
         self._up()
+
+    async def _reconcile(self) -> None:
+        """A stage for every partition held, none for one that is not (whatever a cycle
+        cut short by Redis left behind)."""
+        for partition in [p for p in self.stages if p not in self.leases.held]:
+            self._abandon(partition, "its lease was lost (another instance holds it now)")
+        for partition, value in list(self.leases.held.items()):
+            if partition not in self.stages:
+                await self._take(partition, value)
 
     async def _take(self, partition: int, value: str) -> None:
         self._metrics.redis_round_trips.inc()
@@ -343,6 +385,13 @@ class ClusterRules:
                 "partition state unreadable; starting it empty", partition=partition, error=str(exc)
             )
             full = recent = None
+        if full and recent:
+            if _position(recent["position"]) < _position(full["position"]):
+                recent = None  # older than the full state: already in it
+            else:  # written by two instances: their clocks may differ, positions do not
+                recent["snapshot"]["at"] = max(
+                    float(recent["snapshot"].get("at", 0.0)), float(full["snapshot"]["at"])
+                )
         store = RedisStore(
             self._redis,
             partition,
@@ -351,15 +400,20 @@ class ClusterRules:
             count=self._metrics.redis_round_trips.inc,
             loaded=(full["snapshot"] if full else None, recent["snapshot"] if recent else None),
         )
-        # Replay from the older of the two: a state that saw a reading ignores it again.
-        store.position = str((full or recent or {"position": "0-0"})["position"])
+        # Replay the stream from the full state's position (from its start when there is
+        # none: nothing was trimmed yet). What the previous owner had evaluated (up to the
+        # recent state's position) moves the states again silently, on the clock of then.
+        store.position = str(full["position"]) if full else "0-0"
+        if recent is not None:
+            store.replay_until = _position(str(recent["position"]))
+        store.clock = _ReplayClock(self._clock)
         stage = AlertStage(
             self._settings.rules,
             Path("."),
             self._metrics,
             self._health,
             self._publish,
-            clock=self._clock,
+            clock=store.clock,
             notifier=self._notifier,
             history=self._history,
             store=store,
@@ -418,8 +472,9 @@ class ClusterRules:
             await asyncio.sleep(_READ_BLOCK)
             return
         block = _READ_BLOCK
-        for partition in self.stages:
-            block = min(block, self.stages[partition].wait())
+        for partition, owned in self.stages.items():
+            if self.leases.valid(partition):
+                block = min(block, owned.wait())
         self._metrics.redis_round_trips.inc()
         answer: Any = await self._redis.xread(
             streams, count=_READ_COUNT, block=max(1, int(block * 1000))
@@ -427,17 +482,31 @@ class ClusterRules:
         for key, entries in answer or ():
             name = key.decode() if isinstance(key, bytes) else str(key)
             partition = int(name.rsplit(":", 1)[1])
-            stage = self.stages.get(partition)
-            if stage is None:
+            target = self.stages.get(partition)
+            # Sure of the lease still (the read may have waited): else not a reading more.
+            if target is None or not self.leases.valid(partition):
                 continue
-            readings = [
-                Reading(m, d, t, f, n)
-                for _, data in entries
-                for m, d, t, f, n in orjson.loads(data[b"r"])
-            ]
-            stage.evaluate(readings)
-            last = entries[-1][0]
-            self._stores[partition].position = last.decode() if isinstance(last, bytes) else last
+            self._evaluate(target, self._stores[partition], entries)
+
+    @staticmethod
+    def _evaluate(stage: AlertStage, store: RedisStore, entries: list[Any]) -> None:
+        live: list[Reading] = []
+        for raw_id, data in entries:
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            readings = [Reading(m, d, t, f, n) for m, d, t, f, n in orjson.loads(data[b"r"])]
+            position = _position(entry_id)
+            if store.replay_until is not None and position <= store.replay_until:
+                store.clock.fixed = position[0] / 1000
+                try:
+                    stage.evaluate(readings, announce=False)
+                finally:
+                    store.clock.fixed = None
+            else:
+                store.replay_until = None
+                live.extend(readings)
+            store.position = entry_id
+        if live:
+            stage.evaluate(live)
 
     async def _step(self) -> None:
         for partition in list(self.stages):
@@ -484,6 +553,12 @@ class ClusterRules:
         return [alert for stage in self.stages.values() for alert in stage.firing()]
 
     async def reload(self, why: str) -> bool:
+        """Reload the rules (SIGHUP): done by the owners' loop, between two steps."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._reloads.append((why, done))
+        return await done
+
+    async def _reload(self, why: str) -> bool:
         ruleset = await self._control.load_rules(why)
         if ruleset is None:
             return False
