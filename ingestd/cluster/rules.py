@@ -58,7 +58,6 @@ _READ_COUNT = 200  # stream entries per partition per read (each a batch of read
 _READ_BLOCK = 0.1  # seconds: the longest a read waits for new entries
 _STREAM_MAX = 1_000_000  # entries a partition's stream keeps at most (no owner for long)
 _RETRY = 1.0  # seconds between forwarding attempts while Redis is down
-_ACK_WAIT = 0.5  # seconds an acknowledgement waits at most for Redis to take its readings
 _ACK_PREFIX = ACK_FILTER[:-1]
 
 
@@ -256,13 +255,12 @@ class ClusterRules:
             self._metrics.cluster_forward_dropped.inc(excess)
 
     async def save_if_changed(self) -> None:
-        """Beside each spool commit: the readings go to Redis before they are acknowledged,
-        unless Redis is down (then they wait in memory and the acks do not)."""
-        if self._queued and time.monotonic() >= self._retry_at:
-            try:
-                await asyncio.wait_for(self._forward(), _ACK_WAIT)
-            except TimeoutError:  # Redis slow or hanging: the loop keeps trying, acks go on
-                self._retry_at = time.monotonic() + _RETRY
+        """Beside each spool commit: the readings go to Redis before they are acknowledged.
+        Once Redis failed, the acks stop waiting for it (the readings wait in memory and the
+        owners' loop retries every second) until a forward gets through again: one stall of
+        at most the client's timeout per outage, not one per commit."""
+        if self._queued and self._redis_ok:
+            await self._forward()
 
     async def _forward(self) -> None:
         async with self._forward_lock:
