@@ -749,9 +749,10 @@ def test_a_100_mb_payload_is_refused_before_parsing_and_memory_comes_back(
     ingestd: paho has to read it whole, so the peak RSS rises by a few times its size, but it
     is refused by size (too_large) before the JSON is parsed - it is valid JSON that would
     otherwise be a reading - kept as a dead letter with a 1 KiB sample, and the memory goes
-    back: after three of them RSS is within 32 MiB of before. (It grew by 100 MiB per
+    back: after three of them RSS has grown by less than one payload. (It grew by 100 MiB per
     payload: the Reject kept by the intake held its traceback, and through it the frames
-    holding the packet, in a cycle that only a full GC collects.)"""
+    holding the packet, in a cycle that only a full GC collects.) What the allocator keeps
+    of paho's receive buffers varies from run to run: +10 to +49 MiB measured here."""
     broker = services.mosquitto()
     prefix = f"big{uuid.uuid4().hex[:8]}"
     daemon = _one_daemon(tmp_path, broker, victoria_metrics, prefix)
@@ -781,7 +782,7 @@ def test_a_100_mb_payload_is_refused_before_parsing_and_memory_comes_back(
             f"RSS before {before['VmRSS'] / 1024:.1f} MiB, after {after['VmRSS'] / 1024:.1f} "
             f"MiB (+{grew_mib:.1f}), peak +{peak_mib:.1f} MiB"
         )
-        assert grew_mib < 32, (before, after)
+        assert grew_mib < len(payload) / MIB, (before, after)  # no payload is held
         path = Path(daemon.config["spool"]["dir"]) / "deadletters.sqlite"
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             rows = db.execute("SELECT topic, reason, detail, size, sample FROM deadletters")
