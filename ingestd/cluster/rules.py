@@ -89,6 +89,7 @@ class RedisStore:
         leases: Leases,
         *,
         count: Callable[[], None],
+        clock: Callable[[], float],
         loaded: tuple[dict[str, Any] | None, dict[str, Any] | None],
     ) -> None:
         self._redis = redis
@@ -103,7 +104,8 @@ class RedisStore:
         """The last stream entry the engine has seen."""
         self.replay_until: tuple[int, int] | None = None
         """Entries up to here were evaluated and announced by the previous owner."""
-        self.clock = _ReplayClock(time.time)
+        self.clock = _ReplayClock(clock)
+        """The partition's engine clock (see :class:`_ReplayClock`)."""
 
     def __str__(self) -> str:
         return f"redis partition {self._partition}"
@@ -396,6 +398,7 @@ class ClusterRules:
             value,
             self.leases,
             count=self._metrics.redis_round_trips.inc,
+            clock=self._clock,
             loaded=(full["snapshot"] if full else None, recent["snapshot"] if recent else None),
         )
         # Replay the stream from the full state's position (from its start when there is
@@ -404,7 +407,6 @@ class ClusterRules:
         store.position = str(full["position"]) if full else "0-0"
         if recent is not None:
             store.replay_until = _position(str(recent["position"]))
-        store.clock = _ReplayClock(self._clock)
         stage = AlertStage(
             self._settings.rules,
             Path("."),
