@@ -432,7 +432,9 @@ class DaemonConsumer:
         with contextlib.suppress(OSError):
             samples = self.daemon.metrics()
             info["metrics"] = {
-                k: v for k, v in samples.items() if k.startswith("ingestd_") and "_bucket" not in k
+                k: v
+                for k, v in samples.items()
+                if k.startswith("ingestd_") and ("_bucket" not in k or k.startswith(_STALLS))
             }
             # The curve ends with everything written, however long since its last sample.
             written = int(samples.get("ingestd_points_written_total", 0))
@@ -458,6 +460,10 @@ class DaemonConsumer:
         info["log_lines"] = len(lines)  # logging.level is warning: every line is a problem
         info["log_sample"] = lines[:5] + (["...", *lines[-3:]] if len(lines) > 8 else lines[5:])
         return info
+
+
+_STALLS = ("ingestd_loop_lag_seconds", "ingestd_gc_pause_seconds")
+"""Histograms kept whole: where the event loop was held, and how much of it was the GC."""
 
 
 # --- one step -------------------------------------------------------------------------------

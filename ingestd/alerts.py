@@ -84,7 +84,8 @@ class StateStore(Protocol):
         """The transitions' hand-offs (outbox, history), then the essential snapshot."""
 
     async def save_full(self, snapshot: dict[str, Any]) -> bool:
-        """The whole state."""
+        """The whole state (its ``states`` may be an ``orjson.Fragment``: encode it with
+        orjson)."""
 
     def close(self) -> None: ...
 
@@ -337,10 +338,14 @@ class AlertStage:
         self._stale = False
         self._full_at = time.monotonic()
         header, parts = self.engine.snapshot_in_parts()
-        states: list[dict[str, Any]] = []
+        # Each part is encoded at once, so the loop never holds the whole state as objects
+        # (they outlived young collections and set off full ones: 150 ms pauses, bench).
+        encoded: list[bytes] = []
         for part in parts:
-            states.extend(part)
+            if part:
+                encoded.append(orjson.dumps(part)[1:-1])
             await asyncio.sleep(0)
+        states = orjson.Fragment(b"[" + b",".join(encoded) + b"]")
         try:
             saved = await self._store.save_full({**header, "states": states})
         except BaseException:

@@ -43,6 +43,19 @@ class Metrics:
             "Spool group commit duration (write + fsync)",
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "ingestd_loop_lag_seconds",
+            "How late the event loop ran a timer: time something else held it",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "ingestd_gc_pause_seconds",
+            "Cyclic garbage collections, by generation (they hold the event loop)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.batches = Counter("ingestd_batches_written", "Batches the TSDB accepted", registry=r)
         self.points_written = Counter(
             "ingestd_points_written", "Readings the TSDB accepted", registry=r

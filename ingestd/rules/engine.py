@@ -125,11 +125,11 @@ class _State:
     last_ns: int = -1
     last_seen: float = 0.0
     samples: deque[tuple[float, float]] | None = None
-    changes: deque[float] = dataclasses.field(default_factory=deque)
+    changes: deque[float] | None = None  # made at the first counted change (flapping)
     last_change: float = -_INF
     flapping: bool = False
     expired: bool = False
-    log: deque[list[Any]] = dataclasses.field(default_factory=lambda: deque(maxlen=_LOG_SIZE))
+    log: deque[tuple[float, str, str, bool]] | None = None  # made at the first event
     scheduled: float = _INF
 
     @property
@@ -494,6 +494,8 @@ class Engine:
         notice = False
         if kind in _COUNTED and rule.flapping.max_changes:
             changes = state.changes
+            if changes is None:
+                changes = state.changes = deque()
             changes.append(now)
             while changes and changes[0] < now - rule.flapping.window:
                 changes.popleft()
@@ -545,7 +547,9 @@ class Engine:
         inst.annotations = rule.render(context)
         if notify:
             inst.last_notified = now
-        state.log.append([now, kind, level.severity, notify])
+        if state.log is None:
+            state.log = deque(maxlen=_LOG_SIZE)
+        state.log.append((now, kind, level.severity, notify))
         self.stats.events += 1
         return AlertEvent(
             id=inst.id,
@@ -693,7 +697,7 @@ class Engine:
             events.append(self._event(state, inst, "repeat", now, notify=True))
         if state.flapping and state.last_change + rule.flapping.stable <= now:
             state.flapping = False
-            state.changes.clear()
+            state.changes = None
             shown = inst or state.last
             if shown is not None:
                 events.append(self._event(state, shown, "flapping", now, notify=True))
@@ -1005,10 +1009,10 @@ def _dump_state(state: _State) -> dict[str, Any]:
         "last_ns": state.last_ns,
         "last_seen": state.last_seen,
         "samples": [list(s) for s in state.samples] if state.samples is not None else None,
-        "changes": list(state.changes),
+        "changes": list(state.changes or ()),
         "last_change": state.last_change if math.isfinite(state.last_change) else None,
         "flapping": state.flapping,
-        "log": [list(entry) for entry in state.log],
+        "log": [list(entry) for entry in state.log or ()],
     }
 
 
@@ -1060,10 +1064,12 @@ def _load_state(rule: Rule, data: dict[str, Any]) -> _State:
     )
     if rule.max_window:
         state.samples = deque((float(t), float(v)) for t, v in data.get("samples") or [])
-    state.changes = deque(float(t) for t in data.get("changes", []))
+    if data.get("changes"):
+        state.changes = deque(float(t) for t in data["changes"])
     last_change = data.get("last_change")
     state.last_change = float(last_change) if last_change is not None else -_INF
-    state.log.extend(list(entry) for entry in data.get("log", []))
+    if data.get("log"):
+        state.log = deque((tuple(entry) for entry in data["log"]), maxlen=_LOG_SIZE)
     return state
 
 
