@@ -7,6 +7,7 @@ ingestd is down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,12 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from conftest import ServiceFactory, start_service
 from daemon import REPO, DaemonProcess, daemon_config, expected_keys, seqs_in_victoria
 from services import Mosquitto, ServiceError, VictoriaMetrics, find_binary, free_port, http_request
 
+from ingestd.config import MqttSection, Subscription
+from ingestd.health import Health
+from ingestd.metrics import Metrics
 from ingestd.simulate import Fleet
+from ingestd.source import MqttSource
 
 RECEIVED = "ingestd_messages_received_total"
 # Room for what ingestd has not yet acknowledged: Mosquitto's default of 1000 queued
@@ -488,3 +494,57 @@ def test_readings_published_while_ingestd_is_down_arrive_after_restart(
         assert daemon.terminate() == 0
     finally:
         daemon.close()
+
+
+def test_a_backlog_is_read_in_slices_so_the_loop_does_its_other_work_between(
+    mosquitto: Mosquitto, unique: str, tmp_path: Path
+) -> None:
+    """The source reads for a bounded time per wakeup: with a backlog in its socket, TSDB
+    writes, commits and alert timers still get their turns (one wakeup once read 4,096
+    messages, 0.6 s of the loop, and the TSDB writes starved)."""
+    backlog = 300
+    handled = 0
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    def on_message(_topic: str, _payload: bytes, _dup: bool, _ack: Any) -> None:
+        nonlocal handled
+        handled += 1
+        started.set()
+        if handled == backlog:
+            finished.set()
+        time.sleep(0.002)  # what decoding, quotas, spooling and rules cost, made visible
+
+    section = MqttSection(
+        url=mosquitto.url,
+        client_id=f"slices-{unique}",
+        subscriptions=[Subscription(template=f"{unique}/{{device}}")],
+    )
+    publisher = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    publisher.connect(mosquitto.host, mosquitto.port)
+    publisher.loop_start()
+
+    async def scenario() -> int:
+        source = MqttSource(section, on_message, Metrics(), Health(), tmp_path)
+        task = asyncio.create_task(source.run())
+        await asyncio.wait_for(source.wait_subscribed(), 10)
+        source.pause()
+        infos = [publisher.publish(f"{unique}/d{i}", b"1", qos=0) for i in range(backlog)]
+        for info in infos:
+            info.wait_for_publish(5)
+        await asyncio.sleep(1)  # the broker has written them all into our socket
+        assert handled == 0
+        source.resume()
+        await started.wait()
+        first_turn = handled  # what was read before the loop came back to us
+        await asyncio.wait_for(finished.wait(), 30)
+        await source.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return first_turn
+
+    try:
+        first_turn = asyncio.run(scenario())
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+    assert 0 < first_turn < backlog // 4, first_turn
