@@ -8,10 +8,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Servers the tests (and `make run`) start themselves; apt may also start system copies,
 # which do not get in the way: every test server listens on its own free port.
+# openssl: the throwaway CAs of tests/test_broker_config.py's TLS tests.
 # systemd: systemd-analyze and systemctl for tests/test_deploy.py (absent from minimal
 # Debian 12 images such as containers; a no-op on a regular install, which has it).
 DEB_PACKAGES := mosquitto mosquitto-clients redis-server postgresql victoria-metrics influxdb \
-                python3-venv systemd
+                python3-venv systemd openssl
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages test lint run bench bench-quick bench-cluster fuzz soak clean

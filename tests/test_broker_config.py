@@ -3,6 +3,10 @@
 Only what cannot work on a test machine is rewritten: the listener's port, the persistence
 location and the paths of the password and ACL files (the ACL itself is copied verbatim).
 Every other line, and so the whole access policy, is the one we ship.
+
+The optional TLS listener (mosquitto/tls.conf) is enabled the way mosquitto/README.md tells an
+admin to, with certificates from a throwaway CA made by the openssl CLI: its certificate
+paths and its port are the only lines of tls.conf rewritten.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import os
 import pwd
 import random
 import re
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +36,19 @@ from conftest import start_service
 from daemon import REPO, DaemonProcess, daemon_config
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from services import Mosquitto, ServiceError, VictoriaMetrics, find_binary
+from services import (
+    BinaryNotFoundError,
+    Mosquitto,
+    ServiceError,
+    VictoriaMetrics,
+    find_binary,
+    free_port,
+)
 
 SHIPPED_CONF = REPO / "mosquitto" / "ingestd-gateway.conf"
 SHIPPED_ACL = REPO / "mosquitto" / "acl"
+SHIPPED_TLS = REPO / "mosquitto" / "tls.conf"
+README = REPO / "mosquitto" / "README.md"
 NOT_AUTHORIZED = 5  # MQTT 3.1.1 CONNACK return code
 PUBACK_NOT_AUTHORIZED = 0x87
 TIMEOUT = 15.0
@@ -62,8 +78,8 @@ def rewrite_config(text: str, port: int, directory: Path) -> str:
     return text
 
 
-def raw_connack(host: str, port: int, username: str | None, password: str | None) -> int:
-    """MQTT 3.1.1 CONNECT with optional credentials; the CONNACK return code."""
+def _connack(sock: socket.socket, username: str | None, password: str | None) -> int:
+    """MQTT 3.1.1 CONNECT with optional credentials over ``sock``; the CONNACK return code."""
 
     def string(value: str) -> bytes:
         raw = value.encode()
@@ -78,14 +94,51 @@ def raw_connack(host: str, port: int, username: str | None, password: str | None
         payload += string(password)
     body = string("MQTT") + bytes([4, flags, 0, 10]) + payload
     assert len(body) < 128, "one-byte remaining length only"
+    sock.sendall(bytes([0x10, len(body)]) + body)
+    connack = sock.recv(4)
+    if connack[:2] != b"\x20\x02" or len(connack) != 4:
+        raise ServiceError(f"unexpected CONNACK {connack!r}")
+    if connack[3] == 0:
+        sock.sendall(b"\xe0\x00")
+    return connack[3]
+
+
+def raw_connack(host: str, port: int, username: str | None, password: str | None) -> int:
+    """MQTT 3.1.1 CONNECT with optional credentials; the CONNACK return code."""
     with socket.create_connection((host, port), timeout=2) as sock:
-        sock.sendall(bytes([0x10, len(body)]) + body)
-        connack = sock.recv(4)
-        if connack[:2] != b"\x20\x02" or len(connack) != 4:
-            raise ServiceError(f"unexpected CONNACK {connack!r}")
-        if connack[3] == 0:
-            sock.sendall(b"\xe0\x00")
-        return connack[3]
+        return _connack(sock, username, password)
+
+
+def raw_tls_connack(host: str, port: int, context: ssl.SSLContext) -> int:
+    """:func:`raw_connack` over TLS, without credentials (the certificate is the login)."""
+    with (
+        socket.create_connection((host, port), timeout=2) as raw,
+        context.wrap_socket(raw, server_hostname=host) as sock,
+    ):
+        return _connack(sock, None, None)
+
+
+def tls_refusal(host: str, port: int, context: ssl.SSLContext, username: str, password: str) -> str:
+    """The TLS alert with which the broker refuses the client's certificate (its reason,
+    such as ``TLSV1_ALERT_UNKNOWN_CA``); fails if it takes the client instead.
+
+    With TLS 1.3 the client's side of the handshake completes before the broker has judged
+    its certificate, so the verdict is read before anything is sent: a CONNECT sent first
+    could reach a closing socket, and its reset could swallow the alert.
+    """
+    with (
+        socket.create_connection((host, port), timeout=2) as raw,
+        context.wrap_socket(raw, server_hostname=host) as sock,
+    ):
+        try:
+            sock.recv(1)
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+        except TimeoutError:
+            # Silence: the broker kept the connection; this is what it does with a CONNECT.
+            code = _connack(sock, username, password)
+            raise AssertionError(f"TLS accepted {username}'s client, CONNACK {code}") from None
+        raise AssertionError("the broker closed the connection without an alert")
 
 
 class GatewayMosquitto(Mosquitto):
@@ -135,6 +188,245 @@ def gateway() -> Iterator[GatewayMosquitto]:
         broker.close()
 
 
+# --- the TLS option -----------------------------------------------------------------------
+
+# Extensions for what a small farm CA issues; `req`'s distinguished name comes from -subj.
+OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+"""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A certificate and its private key (PEM files)."""
+
+    cert: Path
+    key: Path
+
+
+class CertificateAuthority:
+    """A throwaway CA made with the openssl CLI, which signs servers and clients (P-256)."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.openssl = find_binary("openssl")
+        self.dir = directory / name
+        self.dir.mkdir()
+        self.config = self.dir / "openssl.cnf"
+        self.config.write_text(OPENSSL_CONFIG)
+        self.cert, self.key = self.dir / "ca.crt", self.dir / "ca.key"
+        self._serial = 1
+        self._run(
+            "req", "-x509", "-extensions", "ca", "-days", "2", "-subj", f"/CN={name}",
+            "-out", self.cert, *self._new_key(self.key),
+        )  # fmt: skip
+
+    def issue(self, common_name: str, usage: str = "client") -> Identity:
+        """A certificate for ``common_name``; ``usage`` is "client" or "server"."""
+        identity = Identity(self.dir / f"{common_name}.crt", self.dir / f"{common_name}.key")
+        request = self.dir / f"{common_name}.csr"
+        self._run("req", "-new", "-subj", f"/CN={common_name}", "-out", request,
+                  *self._new_key(identity.key))  # fmt: skip
+        self._serial += 1
+        self._run(
+            "x509", "-req", "-in", request, "-CA", self.cert, "-CAkey", self.key,
+            "-set_serial", str(self._serial), "-days", "2", "-extfile", self.config,
+            "-extensions", usage, "-out", identity.cert,
+        )  # fmt: skip
+        return identity
+
+    def _new_key(self, key: Path) -> list[str | Path]:
+        """``req`` arguments that make a new key (unencrypted) and sign the request with it."""
+        return ["-config", self.config, "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", key]  # fmt: skip
+
+    def _run(self, *args: str | Path) -> None:
+        subprocess.run([self.openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The gateway's CA with the broker's and the clients' certificates, and a stranger:
+    a certificate for a known device id signed by another CA."""
+
+    ca: Path
+    server: Identity
+    clients: dict[str, Identity]
+    stranger: Identity
+
+    def context(self, identity: Identity | None) -> ssl.SSLContext:
+        """What a client uses: trusts the gateway's CA, presents ``identity`` if any."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if identity is not None:
+            context.load_cert_chain(identity.cert, identity.key)
+        return context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    try:
+        farm = CertificateAuthority(directory, "farm-ca")
+        other = CertificateAuthority(directory, "other-ca")
+    except BinaryNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return Pki(
+        ca=farm.cert,
+        server=farm.issue("gateway", "server"),
+        clients={name: farm.issue(name) for name in ("ingestd", "operator", "esp32-a", "esp32-b")},
+        stranger=other.issue("esp32-a"),
+    )
+
+
+@dataclass(frozen=True)
+class Install:
+    """One ``install -m MODE [-g GROUP] FILE... DIR/`` line of the README."""
+
+    mode: int
+    group: str | None
+    files: tuple[str, ...]
+    directory: str
+
+
+@dataclass(frozen=True)
+class ReadmeTlsSteps:
+    """What mosquitto/README.md tells an admin to do to enable the TLS option."""
+
+    certs: list[Install]  # the broker's certificate, key and CA
+    tls_conf: Install  # mosquitto/tls.conf into the include dir
+    sed: str  # the expression that enables include_dir in the main config
+
+    @classmethod
+    def parse(cls) -> ReadmeTlsSteps:
+        text = README.read_text()
+        section = text.split("\n## TLS with client certificates", 1)[1].split("\n## ", 1)[0]
+        installs = [
+            Install(int(mode, 8), group or None, tuple(files.split()), directory)
+            for mode, group, files, directory in re.findall(
+                r"install -m ([0-7]+) (?:-g (\S+) )?((?:\S+ )+?)(/\S+?)/?$", section, re.M
+            )
+        ]
+        sed = re.search(r"sed -i '([^']+)' /etc/mosquitto/mosquitto\.conf$", section, re.M)
+        tls_conf = [i for i in installs if i.files == ("mosquitto/tls.conf",)]
+        assert sed and len(tls_conf) == 1, f"{README}: the TLS steps moved:\n{section}"
+        certs = [i for i in installs if i is not tls_conf[0]]
+        return cls(certs=certs, tls_conf=tls_conf[0], sed=sed.group(1))
+
+
+def rewrite_tls_config(text: str, port: int, certs: Path) -> str:
+    """tls.conf with the paths an admin edits pointing at ``certs``, and the test's port."""
+    replacements = {
+        r"^listener 8883$": f"listener {port} 127.0.0.1",
+        r"^cafile /etc/mosquitto/certs/ca\.crt$": f"cafile {certs}/ca.crt",
+        r"^certfile /etc/mosquitto/certs/server\.crt$": f"certfile {certs}/server.crt",
+        r"^keyfile /etc/mosquitto/certs/server\.key$": f"keyfile {certs}/server.key",
+    }
+    for pattern, replacement in replacements.items():
+        text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+        assert count == 1, f"{SHIPPED_TLS}: expected one line matching {pattern}, got {count}"
+    return text
+
+
+class TlsGatewayMosquitto(GatewayMosquitto):
+    """The gateway broker with the TLS option enabled as mosquitto/README.md says.
+
+    /etc/mosquitto/certs and /etc/mosquitto/ingestd.d are directories of the broker's temp
+    dir; files get the README's modes and, as root (when mosquitto drops root for the user
+    "mosquitto", as on a gateway), its groups.
+    """
+
+    def __init__(self, users: dict[str, str], pki: Pki) -> None:
+        self.pki = pki
+        super().__init__(users)
+        self.tls_port = free_port()
+        while self.tls_port == self.port:
+            self.tls_port = free_port()
+        self.certs = self.dir / "certs"
+        self.include_dir = self.dir / "ingestd.d"
+        self.tls_config_path = self.include_dir / "tls.conf"
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, self.tls_port]
+
+    def _install(self, source: Path | str, step: Install, directory: Path, name: str) -> None:
+        """``install -m MODE [-g GROUP] NAME DIR/``, ``source`` being the file or its text."""
+        target = directory / name
+        if isinstance(source, Path):
+            shutil.copyfile(source, target)
+        else:
+            target.write_text(source)
+        target.chmod(step.mode)
+        if step.group is not None and os.geteuid() == 0:
+            shutil.chown(target, group=step.group)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        steps = ReadmeTlsSteps.parse()
+        # The broker's certificate, key and CA into /etc/mosquitto/certs ...
+        self.certs.mkdir()
+        ours = {"ca.crt": self.pki.ca, "server.crt": self.pki.server.cert,
+                "server.key": self.pki.server.key}  # fmt: skip
+        installed = sorted(name for step in steps.certs for name in step.files)
+        assert installed == sorted(ours), f"{README} installs {installed}, tls.conf uses {ours}"
+        for step in steps.certs:
+            assert step.directory == "/etc/mosquitto/certs", step
+            for name in step.files:
+                self._install(ours[name], step, self.certs, name)
+        # ... tls.conf, its paths edited, into the include dir ...
+        self.include_dir.mkdir()
+        edited = rewrite_tls_config(SHIPPED_TLS.read_text(), self.tls_port, self.certs)
+        self._install(edited, steps.tls_conf, self.include_dir, "tls.conf")
+        # ... the README's sed run on the main config ...
+        before = self.config_path.read_text()
+        subprocess.run(["sed", "-i", steps.sed, str(self.config_path)], check=True, timeout=10)
+        assert self.config_path.read_text() != before, f"{README}: sed {steps.sed!r} did nothing"
+        # ... whose include_dir is where the README put tls.conf.
+        text, count = re.subn(
+            f"^include_dir {re.escape(steps.tls_conf.directory)}$",
+            f"include_dir {self.include_dir}",
+            self.config_path.read_text(),
+            flags=re.MULTILINE,
+        )
+        assert count == 1, f"{README}: no 'include_dir {steps.tls_conf.directory}' after its sed"
+        self.config_path.write_text(text)
+        if os.geteuid() == 0:
+            shutil.chown(self.config_path, user="mosquitto", group="mosquitto")
+
+    def _probe(self) -> None:
+        super()._probe()
+        context = self.pki.context(self.pki.clients["ingestd"])
+        code = raw_tls_connack(self.host, self.tls_port, context)
+        if code != 0:
+            raise ServiceError(f"CONNACK return code {code} for ingestd's certificate")
+
+
+@pytest.fixture
+def tls_gateway(pki: Pki) -> Iterator[TlsGatewayMosquitto]:
+    broker = start_service(lambda: TlsGatewayMosquitto(USERS, pki))
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
 # --- MQTT clients -------------------------------------------------------------------------
 
 
@@ -149,7 +441,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOU
 class Client:
     """A paho MQTT 5 client logged in as ``user``: records messages and PUBACK reasons."""
 
-    def __init__(self, broker: Mosquitto, user: str, password: str) -> None:
+    def __init__(
+        self,
+        broker: Mosquitto,
+        user: str,
+        password: str | None,
+        *,
+        tls: tuple[int, ssl.SSLContext] | None = None,
+    ) -> None:
+        """``tls``: the TLS listener's port and the client's context; ``password`` None
+        sends no username (on the TLS listener the certificate says who the client is)."""
         self.user = user
         self.messages: list[tuple[str, bytes]] = []
         self.pubacks: dict[int, ReasonCode] = {}
@@ -161,12 +462,17 @@ class Client:
             client_id=f"{user}-{random.getrandbits(32):08x}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        self.client.username_pw_set(user, password)
+        if password is not None:
+            self.client.username_pw_set(user, password)
+        port = broker.port
+        if tls is not None:
+            port, context = tls
+            self.client.tls_set_context(context)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.connect(broker.host, port, keepalive=30)
         self.client.loop_start()
         wait_until(lambda: self._connack is not None, f"{user} connected")
         assert self._connack is not None and not self._connack.is_failure, (
@@ -219,6 +525,26 @@ def clients(gateway: GatewayMosquitto) -> Iterator[Callable[[str], Client]]:
 
     def connect(user: str) -> Client:
         client = Client(gateway, user, gateway.users[user])
+        opened.append(client)
+        return client
+
+    try:
+        yield connect
+    finally:
+        for client in opened:
+            client.close()
+
+
+@pytest.fixture
+def tls_clients(tls_gateway: TlsGatewayMosquitto, pki: Pki) -> Iterator[Callable[..., Client]]:
+    opened: list[Client] = []
+
+    def connect(name: str, login: tuple[str, str] | None = None) -> Client:
+        """A client on the TLS listener presenting ``name``'s certificate, sending no
+        username unless a ``login`` (username, password) is given."""
+        tls = (tls_gateway.tls_port, pki.context(pki.clients[name]))
+        user, password = login or (name, None)
+        client = Client(tls_gateway, user, password, tls=tls)
         opened.append(client)
         return client
 
@@ -357,6 +683,129 @@ def test_ingestd_receives_what_devices_send(
         spoof = json.dumps({"seq": 999, "ph": 1.0})
         topic_b = f"farm/{site}/esp32-b/reservoir"
         assert devices["esp32-a"].publish(topic_b, spoof) == PUBACK_NOT_AUTHORIZED
+        sent = 2 * per_device
+        daemon.wait(
+            lambda: daemon.metric("ingestd_messages_received_total") >= sent, "received all"
+        )
+        series = victoria_metrics.export_until(
+            f'reservoir_seq{{site="{site}"}}',
+            lambda s: sum(len(x["values"]) for x in s) >= sent,
+            timeout=30,
+        )
+        stored = {(s["metric"]["device"], v) for s in series for v in s["values"]}
+        expected = {(n, float(q)) for n in devices for q in range(per_device)}
+        assert stored == expected
+        assert daemon.metric("ingestd_messages_received_total") == sent
+        status, report = daemon.health()
+        assert status == 200 and report["components"]["mqtt"]["ok"], report
+        assert "subscription refused" not in daemon.log_path.read_text()
+        assert daemon.terminate() == 0
+    finally:
+        for device in devices.values():
+            device.close()
+        daemon.close()
+
+
+def test_the_tls_option_enabled_as_the_readme_says_takes_only_farm_certificates(
+    tls_gateway: TlsGatewayMosquitto, pki: Pki
+) -> None:
+    broker = tls_gateway
+    shipped = SHIPPED_CONF.read_text().splitlines()
+    running = broker.config_path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(shipped, running, strict=True) if a != b]
+    assert len(changed) == 5, changed  # as without TLS, and the include_dir the README enables
+    include = ("#include_dir /etc/mosquitto/ingestd.d", f"include_dir {broker.include_dir}")
+    assert changed[-1] == include, changed
+    shipped_tls = SHIPPED_TLS.read_text().splitlines()
+    running_tls = broker.tls_config_path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(shipped_tls, running_tls, strict=True) if a != b]
+    assert len(changed) == 4, changed  # the listener's port and the three certificate paths
+    for line in ("require_certificate true", "use_identity_as_username true"):
+        assert line in shipped_tls
+    assert broker.acl_file.read_bytes() == SHIPPED_ACL.read_bytes()
+    host, port = broker.host, broker.tls_port
+    # A certificate from the farm's CA is a login by itself: no username, no password.
+    for name, identity in pki.clients.items():
+        assert raw_tls_connack(host, port, pki.context(identity)) == 0, name
+    # No certificate: refused in the handshake, before the device's password could help ...
+    refusal = tls_refusal(host, port, pki.context(None), "esp32-a", USERS["esp32-a"])
+    assert refusal == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    # ... and so is a certificate for the same device id from another CA.
+    refusal = tls_refusal(host, port, pki.context(pki.stranger), "esp32-a", USERS["esp32-a"])
+    assert refusal == "TLSV1_ALERT_UNKNOWN_CA"
+    # The plain listener still wants passwords.
+    assert raw_connack(host, broker.port, None, None) == NOT_AUTHORIZED
+    assert raw_connack(host, broker.port, "esp32-a", "wrong") == NOT_AUTHORIZED
+    assert raw_connack(host, broker.port, "esp32-a", USERS["esp32-a"]) == 0
+
+
+def test_a_device_certificate_publishes_only_as_its_device(
+    tls_clients: Callable[..., Client],
+) -> None:
+    ingestd = tls_clients("ingestd")  # its ACL block: it reads every device's readings
+    trees = ("farm/#", "plain/#", "tele/+/SENSOR", "alerts/ack/+")
+    assert ingestd.subscribe(*trees) == [1] * len(trees)
+    a, b = tls_clients("esp32-a"), tls_clients("esp32-b")
+    own = "farm/site1/esp32-a/reservoir"
+    assert a.publish(own, b'{"ph": 6.1}') == 0
+    ingestd.wait_for(own, b'{"ph": 6.1}')
+    assert b.publish("farm/site1/esp32-b/reservoir", b'{"ph": 5.9}') == 0
+    ingestd.wait_for("farm/site1/esp32-b/reservoir", b'{"ph": 5.9}')
+    for topic in (
+        "farm/site1/esp32-b/reservoir",
+        "plain/site1/esp32-b/ph",
+        "tele/esp32-b/SENSOR",
+        "alerts/ack/some-alert",
+    ):
+        refused_and_never_delivered(a, topic, own, ingestd, "sensor trees and acks")
+    # The certificate, not the username sent, says who a client is: A's certificate with
+    # B's username and password is still A.
+    posing = tls_clients("esp32-a", login=("esp32-b", USERS["esp32-b"]))
+    refused_and_never_delivered(posing, "farm/site1/esp32-b/reservoir", own, ingestd, "farm/#")
+    assert posing.publish(own, b'{"ph": 6.2}') == 0
+    ingestd.wait_for(own, b'{"ph": 6.2}')
+    # An operator's certificate gets its ACL block too: acknowledgements, no readings.
+    operator = tls_clients("operator")
+    fence = "alerts/ack/fence"
+    refused_and_never_delivered(operator, "farm/site1/operator/x", fence, ingestd, "farm/#")
+
+
+def test_ingestd_receives_over_tls_with_its_certificate(
+    tmp_path: Path, tls_gateway: TlsGatewayMosquitto, pki: Pki, victoria_metrics: VictoriaMetrics
+) -> None:
+    site = f"bt{random.getrandbits(40):x}"
+    identity = pki.clients["ingestd"]
+    # As the README says: an mqtts:// URL, the CA and ingestd's certificate, no username.
+    config = daemon_config(
+        tmp_path,
+        f"mqtts://{tls_gateway.host}:{tls_gateway.tls_port}",
+        "farm",
+        {"url": victoria_metrics.url},
+        mqtt={
+            "subscriptions": [{"template": "farm/{site}/{device}/{measurement}"}],
+            "ca_file": str(pki.ca),
+            "cert_file": str(identity.cert),
+            "key_file": str(identity.key),
+        },
+    )
+    daemon = DaemonProcess(tmp_path, config)
+    devices = {
+        name: Client(
+            tls_gateway, name, None, tls=(tls_gateway.tls_port, pki.context(pki.clients[name]))
+        )
+        for name in ("esp32-a", "esp32-b")
+    }
+    try:
+        daemon.start()  # ready: subscribed to farm/+/+/+ and alerts/ack/+
+        # A spoofed reading (A as B) first: A's readings after it are its fence.
+        spoof = json.dumps({"seq": 999, "ph": 1.0})
+        topic_b = f"farm/{site}/esp32-b/reservoir"
+        assert devices["esp32-a"].publish(topic_b, spoof) == PUBACK_NOT_AUTHORIZED
+        per_device = 20
+        for seq in range(per_device):
+            for name, device in devices.items():
+                payload = json.dumps({"seq": seq, "ph": 6.0})
+                assert device.publish(f"farm/{site}/{name}/reservoir", payload) == 0
         sent = 2 * per_device
         daemon.wait(
             lambda: daemon.metric("ingestd_messages_received_total") >= sent, "received all"
