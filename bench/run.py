@@ -108,11 +108,11 @@ class Plan:
             rates=[5000, 10000],
             step_seconds=8.0,
             grace=4.0,
-            prototype_seconds=4.0,
-            latency_seconds=10.0,
-            rss_messages=60_000,
+            prototype_seconds=3.0,
+            latency_seconds=8.0,
+            rss_messages=24_000,
             rss_sample_seconds=0.5,
-            hang_seconds=8.0,
+            hang_seconds=5.0,
             compare_bare=False,
         )
 

@@ -908,3 +908,33 @@ def test_a_snapshot_in_parts_is_the_snapshot(tmp_path: Path) -> None:
     parted = {**header, "states": [s for c in chunks for s in c]}
     restored = Engine.restore(ruleset, parted, farm.clock)
     assert len(restored.snapshot()["states"]) == 25
+
+
+def test_rate_samples_survive_a_restart(tmp_path: Path) -> None:
+    """The samples a rate rule holds are in the snapshot: after a restart the rate is known
+    at once, from the readings before it, and the old ones still leave the window."""
+    ruleset = rules(
+        tmp_path,
+        """
+        rules:
+          - name: warming_fast
+            select: {measurement: reservoir, field: water_temp}
+            rate: {above: 0.5, window: 10m}
+        """,
+    )
+    farm = Farm(ruleset)
+    for minute in range(8):  # +0.1 per minute for 8 minutes
+        assert farm.send(20 + 0.1 * minute, at=minute * 60, field="water_temp") == []
+    snapshot = json.loads(json.dumps(farm.engine.snapshot()))
+    restored = Farm(ruleset, farm.clock)
+    restored.engine = Engine.restore(ruleset, snapshot, farm.clock)
+    # +4.3 in one more minute: (25.0 - 20.0) / 8 min > 0.5, known from the old samples.
+    [event] = restored.send(25.0, at=8 * 60, field="water_temp")
+    assert event.kind == "firing"
+    assert event.value == pytest.approx(5.0 / 8)
+    # 20 minutes later, flat: the samples of before the restart have left the window.
+    for minute in range(9, 30):
+        restored.send(25.0, at=minute * 60, field="water_temp")
+    assert kinds(restored.events)[-1] == "resolved"
+    [state] = restored.engine.snapshot()["states"]
+    assert all(when >= T0 + 19 * 60 for when, _ in state["samples"])

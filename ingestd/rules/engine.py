@@ -37,6 +37,7 @@ import heapq
 import itertools
 import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ class _State:
     last_value: float | None = None
     last_ns: int = -1
     last_seen: float = 0.0
-    samples: deque[tuple[float, float]] | None = None
+    samples: array[float] | None = None
+    """A rate rule's samples, flat: time, value, time, value... (16 bytes a sample; as
+    tuples in a deque they were 104, and 40 of a state's 88 MiB at 10,000 devices)."""
     changes: deque[float] | None = None  # made at the first counted change (flapping)
     last_change: float = -_INF
     flapping: bool = False
@@ -302,7 +305,7 @@ class Engine:
             measured=[None] * n,
         )
         if rule.max_window:
-            state.samples = deque()
+            state.samples = array("d")
         self._states[state.key] = state
         return state
 
@@ -369,14 +372,16 @@ class Engine:
     def _rate(state: _State, window: float, at: float, value: float) -> float | None:
         """Change per minute from the oldest sample within ``window`` to this one; unknown
         until the samples span at least half the window (two close samples are noise)."""
-        assert state.samples is not None
+        samples = state.samples
+        assert samples is not None
         cutoff = at - window
-        for when, old in state.samples:
+        for index in range(0, len(samples), 2):
+            when = samples[index]
             if when >= cutoff:
                 span = at - when
                 if span <= 0 or span < window / 2:
                     return None
-                return (value - old) / span * 60.0
+                return (value - samples[index + 1]) / span * 60.0
         return None
 
     @staticmethod
@@ -384,10 +389,14 @@ class Engine:
         samples = state.samples
         assert samples is not None
         window = state.rule.max_window
-        while samples and samples[0][0] < at - window:
-            samples.popleft()
-        if not samples or at - samples[-1][0] >= window / _RATE_SAMPLES:
-            samples.append((at, value))
+        stale, size = 0, len(samples)
+        while stale < size and samples[stale] < at - window:
+            stale += 2
+        if stale:
+            del samples[:stale]
+        if not samples or at - samples[-2] >= window / _RATE_SAMPLES:
+            samples.append(at)
+            samples.append(value)
 
     @staticmethod
     def _relatch(state: _State, now: float) -> bool:
@@ -1008,12 +1017,16 @@ def _dump_state(state: _State) -> dict[str, Any]:
         "last_value": state.last_value,
         "last_ns": state.last_ns,
         "last_seen": state.last_seen,
-        "samples": [list(s) for s in state.samples] if state.samples is not None else None,
+        "samples": _pairs(state.samples) if state.samples is not None else None,
         "changes": list(state.changes or ()),
         "last_change": state.last_change if math.isfinite(state.last_change) else None,
         "flapping": state.flapping,
         "log": [list(entry) for entry in state.log or ()],
     }
+
+
+def _pairs(samples: array[float]) -> list[list[float]]:
+    return [[samples[index], samples[index + 1]] for index in range(0, len(samples), 2)]
 
 
 def _load_instance(rule: Rule, data: dict[str, Any] | None) -> _Instance | None:
@@ -1063,7 +1076,7 @@ def _load_state(rule: Rule, data: dict[str, Any]) -> _State:
         flapping=bool(data.get("flapping", False)),
     )
     if rule.max_window:
-        state.samples = deque((float(t), float(v)) for t, v in data.get("samples") or [])
+        state.samples = array("d", [float(x) for t, v in data.get("samples") or [] for x in (t, v)])
     if data.get("changes"):
         state.changes = deque(float(t) for t in data["changes"])
     last_change = data.get("last_change")
