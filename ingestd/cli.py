@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,120 @@ from typing import Any
 import orjson
 
 from ingestd import __version__
-from ingestd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, render_settings
+from ingestd.config import (
+    DEFAULT_CONFIG_PATH,
+    DURATION_HELP,
+    Settings,
+    load_settings,
+    parse_duration,
+    render_settings,
+)
 from ingestd.errors import ConfigError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+# --- argument types ---------------------------------------------------------------------
+# A bad value is refused while parsing, before the config is read or a server asked:
+# argparse names the option and exits 2; these messages give the value and what is accepted.
+
+_INT_MAX = 2**31 - 1  # PostgreSQL integer columns
+
+
+def _duration(text: str) -> str:
+    """A duration such as ``24h`` (kept as written, for messages); any length is accepted."""
+    try:
+        parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {DURATION_HELP}") from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 1 or more")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number such as -0.12 or 1.5")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a number other than 0 (which would erase every value) such"
+            " as 1.01; 1 leaves values unchanged"
+        )
+    return value
+
+
+def _quota_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected messages per second, a number above 0 such as 0.5 or 10"
+        )
+    return value
+
+
+def _quota_burst(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= _INT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a whole number of messages from 1 to {_INT_MAX}"
+        )
+    return value
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 time (UTC when it names no zone), within what PostgreSQL and the TSDB's
+    nanosecond timestamps can both hold."""
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        found = None
+    if found is not None and found.tzinfo is None:
+        found = found.replace(tzinfo=UTC)
+    if found is None or not 1970 <= found.year <= 2261:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an ISO 8601 time from 1970 to 2261, e.g. 2026-11-29T08:00:00Z"
+        )
+    return found
+
+
+def _topic_level(what: str) -> Callable[[str], str]:
+    """A device or site id: one topic level, so never empty and without '/', '+', '#'."""
+
+    def check(text: str) -> str:
+        if not text or any(c in text for c in "/+#\0"):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a {what} id is one MQTT topic level: not empty, without '/', '+' or '#'"
+            )
+        return text
+
+    return check
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,8 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--by", default=os.environ.get("USER", "cli"), help="who acknowledges")
     alerts.add_argument("--device", help="history: only this device")
     alerts.add_argument("--rule", help="history: only this rule")
-    alerts.add_argument("--since", default="24h", help="history: how far back (default 24h)")
-    alerts.add_argument("--limit", type=int, default=100, help="history: at most (default 100)")
+    alerts.add_argument(
+        "--since", type=_duration, default="24h", help="history: how far back (default 24h)"
+    )
+    alerts.add_argument(
+        "--limit", type=_positive_int, default=100, help="history: at most (default 100)"
+    )
     alerts.add_argument("--json", action="store_true", help="history: JSON lines")
     db = commands.add_parser("db", help="the PostgreSQL schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -107,13 +220,22 @@ def _parser() -> argparse.ArgumentParser:
     devices_add = device_commands.add_parser(
         "add", parents=[common], help="add a device, or update it"
     )
-    devices_add.add_argument("device", help="the device id (its topic level)")
-    devices_add.add_argument("--site", help="its site (created when new)")
+    devices_add.add_argument("device", type=_topic_level("device"), help="its topic level")
+    devices_add.add_argument(
+        "--site", type=_topic_level("site"), help="its site (created when new)"
+    )
     devices_add.add_argument("--kind", help="e.g. esp32, rpi, tasmota")
     devices_add.add_argument(
-        "--quota-rate", type=float, help="messages per second, overriding the quota rule"
+        "--quota-rate",
+        type=_quota_rate,
+        help="its own quota, messages per second: replaces the rate of the quota rule its"
+        " topic matches, or limits it alone (rule 'registry') where none does",
     )
-    devices_add.add_argument("--quota-burst", type=int, help="burst with --quota-rate")
+    devices_add.add_argument(
+        "--quota-burst",
+        type=_quota_burst,
+        help="messages at once, with --quota-rate (default: the rate, at least 1)",
+    )
     devices_add.add_argument("--disabled", action="store_true", help="add it disabled")
     devices_add.add_argument("--note", help="free text")
     for verb in ("disable", "enable"):
@@ -128,10 +250,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     devices_cal.add_argument("device")
     devices_cal.add_argument("field", nargs="?", help="the field (e.g. ph); none: list")
-    devices_cal.add_argument("--offset", type=float, help="added after scaling (default 0)")
-    devices_cal.add_argument("--scale", type=float, help="multiplied first (default 1)")
+    devices_cal.add_argument("--offset", type=_finite, help="added after scaling (default 0)")
+    devices_cal.add_argument("--scale", type=_scale, help="multiplied first (default 1)")
     devices_cal.add_argument(
-        "--from", dest="valid_from", help="effective from (ISO 8601; default now)"
+        "--from",
+        dest="valid_from",
+        type=_instant,
+        help="effective from (ISO 8601, UTC unless it says; default now)",
     )
     devices_cal.add_argument("--by", default=os.environ.get("USER", "cli"), help="who")
     notify = commands.add_parser("notify", help="notification routes and outbox")
@@ -155,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common, client],
         help="the latest value of every device and field (from Redis, else the daemon)",
     )
-    latest.add_argument("device", nargs="?", help="only this device")
+    latest.add_argument("device", nargs="?", type=_topic_level("device"), help="only this device")
     latest.add_argument("--json", action="store_true", help="print JSON")
     http = commands.add_parser("http", help="the daemon's HTTP endpoint")
     http_commands = http.add_subparsers(dest="http_command", required=True, metavar="COMMAND")
@@ -286,6 +411,10 @@ def _check(args: argparse.Namespace) -> int:
             f"ingestd: rules.dir {settings.rules.dir} does not exist: no alert rules",
             file=sys.stderr,
         )
+    if settings.notify.channels:  # refused as `run` and `notify test` refuse it: exit 2
+        from ingestd.notify.channels import open_channels  # noqa: PLC0415
+
+        open_channels(settings.notify)
     if args.show:
         sys.stdout.write(render_settings(settings))
     print(f"ingestd: {args.config}: configuration is valid", file=sys.stderr)

@@ -90,15 +90,21 @@ def parse_duration(value: Any) -> float:
     """Seconds from ``500ms``, ``30s``, ``5m``, ``1h30m``, ``2d`` or a number of seconds."""
     if isinstance(value, bool):
         raise ValueError(DURATION_HELP)
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
+    seconds = math.nan
+    if isinstance(value, int):  # YAML integers have no size limit; floats do
+        seconds = float(value) if value.bit_length() < 1000 else math.inf
+    elif isinstance(value, float):
+        seconds = value
+    elif isinstance(value, str):
         text = value.strip()
         if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return float(text)
-        parts = _DURATION_PART.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if parts and "".join(n + u for n, u in parts) == text:
+                seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if math.isfinite(seconds):  # "9" * 400 is a float overflow, not a duration
+        return seconds
     raise ValueError(DURATION_HELP)
 
 
@@ -667,9 +673,10 @@ class NotifyRoute(Section):
 class NotifySection(Section):
     """Notifications of alert events through Apprise (ingestd/notify/, README "Notifications")."""
 
-    outbox: Literal["local", "postgres"] = "local"
-    """Where notifications wait: ``local`` (spool dir) or ``postgres`` (shared by every
-    instance, one of which delivers; the local outbox serves while PostgreSQL is down)."""
+    outbox: Literal["auto", "local", "postgres"] = "auto"
+    """Where notifications wait: ``local`` (spool dir), ``postgres`` (shared by every
+    instance, one of which delivers; the local outbox serves while PostgreSQL is down), or
+    ``auto``: postgres when postgres.url is set, else local (:attr:`Settings.notify_outbox`)."""
     workers: int = Field(default=4, ge=2, le=64)
     """Threads that call Apprise, apart from everything else."""
     channel_concurrency: int = Field(default=1, ge=1, le=63)
@@ -836,6 +843,10 @@ class ClusterSection(Section):
         return value
 
 
+MAX_RETENTION = 36500 * 86400.0
+"""The longest retention age (100 years); 0 means forever."""
+
+
 class RetentionSection(Section):
     """How long history is kept; ``ingestd retention apply`` deletes what is older."""
 
@@ -847,6 +858,17 @@ class RetentionSection(Section):
     """The TSDB bucket's retention, applied by ``ingestd influx setup``; 0: forever."""
     batch_size: int = Field(default=5000, ge=1, le=1_000_000)
     """Rows deleted per statement, so a big purge never holds long locks."""
+
+    @field_validator("alert_history", "deadletters", "tsdb")
+    @classmethod
+    def _age(cls, value: float) -> float:
+        # Far beyond any real age, yet a date can still be counted back from it (and
+        # InfluxDB's durations, int64 nanoseconds, end at 292 years).
+        if value > MAX_RETENTION:
+            raise ValueError(
+                f"at most {MAX_RETENTION / 86400:.0f}d (100 years); 0 keeps it forever"
+            )
+        return value
 
 
 class HttpSection(Section):
@@ -919,6 +941,14 @@ class Settings(BaseSettings):
     http: HttpSection = HttpSection()
     logging: LoggingSection = LoggingSection()
 
+    @property
+    def notify_outbox(self) -> Literal["local", "postgres"]:
+        """Where notifications wait, ``notify.outbox: auto`` resolved: in PostgreSQL when
+        postgres.url is set, else in the spool dir. Read this, never notify.outbox."""
+        if self.notify.outbox == "auto":
+            return "postgres" if self.postgres.url else "local"
+        return self.notify.outbox
+
     @model_validator(mode="after")
     def _needs(self) -> Settings:
         if self.quotas.backend == "redis" and not self.redis.url:
@@ -931,13 +961,17 @@ class Settings(BaseSettings):
                     "cluster.enabled needs mqtt.share_group (e.g. ingestd): without a shared"
                     " subscription every instance would store every reading"
                 )
-            if self.notify.outbox != "postgres":
+            if self.notify_outbox != "postgres":
+                why = "no postgres.url" if self.notify.outbox != "local" else "notify.outbox local"
                 raise ValueError(
-                    "cluster.enabled needs notify.outbox: postgres (and postgres.url): one"
+                    f"cluster.enabled needs the notification outbox in PostgreSQL ({why}): set"
+                    " postgres.url, with notify.outbox auto (the default) or postgres; one"
                     " outbox for every instance, so a notification goes out once"
                 )
         if self.notify.outbox == "postgres" and not self.postgres.url:
-            raise ValueError("notify.outbox postgres needs postgres.url (or notify.outbox: local)")
+            raise ValueError(
+                "notify.outbox postgres needs postgres.url (or notify.outbox: auto or local)"
+            )
         if self.registry.unknown != "accept" and not self.postgres.url:
             raise ValueError(
                 f"registry.unknown {self.registry.unknown} needs the device registry:"
@@ -1186,4 +1220,12 @@ def render_settings(settings: Settings) -> str:
                 section[key] = mask_url(value)
             elif key in {"password", "token"} and value is not None:
                 section[key] = "**********"
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    if settings.notify.outbox == "auto":  # what it means here (outbox is notify's first key)
+        why = "postgres.url is set" if settings.postgres.url else "no postgres.url"
+        text = text.replace(
+            "\nnotify:\n  outbox: auto\n",
+            f"\nnotify:\n  outbox: auto  # {settings.notify_outbox}: {why}\n",
+            1,
+        )
+    return text

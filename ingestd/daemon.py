@@ -416,15 +416,17 @@ class Daemon:
             metrics.ignored.inc()
             self._admit(_SKIP, (ack,), None)
         else:
-            quota = self.throttle.match(topic, len(payload))
+            quota = self.throttle.match(topic, len(payload), readings[0].device)
             self._admit(_APPEND, (lines, ack, key, received, readings), quota)
         if self.spool.unacked + len(self._gate) > self._max_unacked:
             self.source.pause()  # the broker holds the rest; resumed after the next commit
 
     def _outbox(self) -> Outbox | None:
-        """The shared outbox in PostgreSQL when configured; None: the local one."""
+        """The shared outbox in PostgreSQL when configured; None: the local one. Without
+        channels nothing is ever queued or sent (and nothing would reconnect to PostgreSQL
+        after an outage, leaving /healthz degraded): no connection then."""
         settings = self.settings
-        if settings.notify.outbox != "postgres":
+        if settings.notify_outbox != "postgres" or not settings.notify.channels:
             return None
         health = self.health
 

@@ -4,7 +4,8 @@ Three parts, none of which touches MQTT:
 
 :class:`QuotaRules`
     The compiled ``quotas.rules``. :meth:`QuotaRules.match` maps a topic to ``(rule index,
-    device key)`` for the first rule whose ``topic`` matches, or ``None``.
+    device key)`` for the first rule whose ``topic`` matches, or ``None``;
+    :meth:`QuotaRules.find` adds the device registry's quotas (below).
 :class:`MemoryLimiter`
     Limits kept in this process (``quotas.backend: memory``): fresh after a restart.
 :class:`RedisLimiter`
@@ -37,6 +38,13 @@ Limits (see :class:`ingestd.config.QuotaLimits`)
     change is a window of its own). An override replaces all of the rule's limits for that
     device; limits it leaves unset do not apply. A rule (or override) without any limit
     exempts its topics (no state is kept).
+
+Device registry quotas (``ingestd devices add NAME --quota-rate R --quota-burst B``)
+    A device with a quota in the registry always gets it. Where a rule matches its topic,
+    the registry's rate and burst replace that rule's (its other limits stay); where none
+    does, the device counts under the rule :data:`REGISTRY` (its last index, after the
+    configured rules), whose only limits are the registry's rate and burst. Its drops,
+    notices and metrics say ``rule: registry``, so a rule of that name cannot be configured.
 
 Memory backend
     Per-device state lives in flat arrays indexed by a slot (64 bytes per device, plus a
@@ -81,6 +89,7 @@ __all__ = [
     "DAY",
     "HOUR",
     "RATE",
+    "REGISTRY",
     "VERDICT_NAMES",
     "WARNING",
     "MemoryLimiter",
@@ -102,6 +111,10 @@ DAY: Final = 4
 """Over ``per_day`` in the current local day."""
 VERDICT_NAMES: Final = ("allowed", "rate", "bytes_per_second", "per_hour", "per_day")
 """``VERDICT_NAMES[verdict]``: a label for metrics and logs (the limit's config key)."""
+
+REGISTRY: Final = "registry"
+"""The name of the rule a device counts under by its registry quota alone (no rule matches
+its topic): in metrics, notices, ``ingestd quotas`` and the Redis keys."""
 
 WARNING = "warning: "
 """Prefix of the problems :func:`check_rules` reports that do not stop the daemon."""
@@ -264,6 +277,11 @@ def check_rules(section: QuotasSection) -> list[str]:
                 "names must be unique (they key the shared Redis state)"
             )
         names.setdefault(rule.name, index)
+        if rule.name == REGISTRY:
+            errors.append(
+                f"name {REGISTRY!r} is reserved: it is the rule of devices limited by their"
+                " quota in the device registry alone (ingestd devices add --quota-rate)"
+            )
         key = TEMPLATE_VAR.match(rule.key)
         if key is None:
             errors.append(f"key {rule.key!r} must be a template variable such as '{{device}}'")
@@ -339,7 +357,10 @@ def _unmatchable(device: str, at_root: bool) -> str | None:
 class QuotaRules:
     """``quotas.rules`` compiled for :meth:`match`; raises ConfigError on a bad rule.
 
-    ``warnings`` holds what :func:`check_rules` warns about (for the daemon's start log).
+    Rule indexes run over the configured rules, then :attr:`registry` (named
+    :data:`REGISTRY`): ``names`` and ``zones`` cover all of them, ``len()`` counts the
+    configured ones. ``warnings`` holds what :func:`check_rules` warns about (for the
+    daemon's start log).
     """
 
     def __init__(self, section: QuotasSection) -> None:
@@ -353,12 +374,23 @@ class QuotaRules:
             )
         self.warnings = [p.removeprefix(WARNING) for p in problems if p.startswith(WARNING)]
         self.rules: tuple[QuotaRule, ...] = tuple(section.rules)
-        self.names: tuple[str, ...] = tuple(rule.name for rule in section.rules)
-        self.zones: tuple[ZoneInfo, ...] = tuple(ZoneInfo(rule.timezone) for rule in self.rules)
-        self.limits: tuple[_Limits, ...] = tuple(_Limits(i, r) for i, r in enumerate(self.rules))
-        self.overrides: tuple[dict[str, _Limits], ...] = tuple(
-            {device: _Limits(i, limits) for device, limits in rule.overrides.items()}
-            for i, rule in enumerate(self.rules)
+        self.registry = len(self.rules)
+        """The index of the rule :data:`REGISTRY`."""
+        self.names: tuple[str, ...] = (*(rule.name for rule in section.rules), REGISTRY)
+        self.zones: tuple[ZoneInfo, ...] = (
+            *(ZoneInfo(rule.timezone) for rule in self.rules),
+            ZoneInfo("UTC"),  # never used: the registry sets no hour or day limits
+        )
+        self.limits: tuple[_Limits, ...] = (
+            *(_Limits(i, r) for i, r in enumerate(self.rules)),
+            _Limits(self.registry, QuotaLimits()),  # a device without a registry quota
+        )
+        self.overrides: tuple[dict[str, _Limits], ...] = (
+            *(
+                {device: _Limits(i, limits) for device, limits in rule.overrides.items()}
+                for i, rule in enumerate(self.rules)
+            ),
+            {},
         )
         # Per rule: its index, the exact level count (-1 with '#'), the least level count,
         # the literal levels to compare, where the key sits, whether '$' topics are excluded.
@@ -385,7 +417,16 @@ class QuotaRules:
         self._registry_limits: dict[tuple[int, str], _Limits] = {}
 
     def __len__(self) -> int:
+        """The configured rules (without :attr:`registry`)."""
         return len(self.rules)
+
+    def find(self, topic: str, device: str) -> tuple[int, str] | None:
+        """:meth:`match`, else ``(registry, device)`` when the registry gives ``device`` (the
+        device its message came from) a quota of its own, else None."""
+        found = self.match(topic) if self.rules else None
+        if found is None and device in self._registry:
+            return self.registry, device
+        return found
 
     def match(self, topic: str) -> tuple[int, str] | None:
         """``(rule index, device key)`` of the first rule matching ``topic``, or None."""
@@ -416,13 +457,14 @@ class QuotaRules:
 
     def limits_for(self, rule: int, device: str) -> _Limits:
         """The limits a device counts against: the registry's rate and burst for it (on
-        the rule's other limits), else its override in the rule, else the rule's."""
+        the rule's other limits; under :attr:`registry`, alone), else its override in the
+        rule, else the rule's (under :attr:`registry`: none, once its quota is removed)."""
         if device in self._registry:
             found = self._registry_limits.get((rule, device))
             if found is None:
                 rate, burst = self._registry[device]
-                update = {"rate": rate, "burst": burst}
-                found = _Limits(rule, self.rules[rule].model_copy(update=update))
+                base = self.rules[rule] if rule < self.registry else QuotaLimits()
+                found = _Limits(rule, base.model_copy(update={"rate": rate, "burst": burst}))
                 self._registry_limits[(rule, device)] = found
             return found
         return self.overrides[rule].get(device) or self.limits[rule]
@@ -433,7 +475,7 @@ class QuotaRules:
             self._registry.pop(device, None)
         else:
             self._registry[device] = (rate, burst)
-        for rule in range(len(self.rules)):
+        for rule in range(len(self.names)):
             self._registry_limits.pop((rule, device), None)
 
 
@@ -504,7 +546,7 @@ class MemoryLimiter:
         # a second, so that a tiny idle_expiry cannot make every new device sweep them all.
         self._recheck = max(section.idle_expiry, 1.0)
         self._windows = [_Windows(zone) for zone in rules.zones]
-        self._slots: list[dict[str, int]] = [{} for _ in range(len(rules))]
+        self._slots: list[dict[str, int]] = [{} for _ in rules.names]
         # One entry per slot: when the device was last allowed a message (and its buckets'
         # debts, in seconds, as of then), its hour and day windows and counts.
         self._at = array("d")

@@ -10,6 +10,7 @@ than ``quotas.redis_timeout``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -83,7 +84,11 @@ class Throttle:
 
     def set_device_limits(self, device: str, rate: float | None, burst: int | None) -> None:
         """The device registry's quota for one device (its rate and burst replace those of
-        the rule its topic matches); applies at once, to its current state too."""
+        the rule its topic matches; with no rule matching, they are its limits, rule
+        ``registry``); applies at once, to its current state too."""
+        if rate is not None and math.isnan(rate):  # `devices add` refuses it; SQL may not
+            log.warning("device registry: quota_rate NaN ignored", device=device)
+            rate = None
         self.rules.set_registry_limits(device, rate, burst)
         self._memory.relimit(device)
 
@@ -92,10 +97,9 @@ class Throttle:
         """Whether decisions are made per batch (Redis) rather than per message."""
         return self._redis is not None
 
-    def match(self, topic: str, nbytes: int) -> QuotaItem | None:
-        if not len(self.rules):
-            return None
-        found = self.rules.match(topic)
+    def match(self, topic: str, nbytes: int, device: str) -> QuotaItem | None:
+        """What a message of ``device`` on ``topic`` counts against (None: nothing)."""
+        found = self.rules.find(topic, device)
         return None if found is None else (found[0], found[1], nbytes)
 
     def allow(self, item: QuotaItem) -> bool:

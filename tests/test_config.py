@@ -77,6 +77,46 @@ def test_defaults_need_no_file() -> None:
     assert settings.mqtt.protocol == "5"
 
 
+PG = "postgresql://ingestd@127.0.0.1:1/ingestd"  # never connected to
+CLUSTER = (
+    "cluster: {enabled: true, instance: a}\nredis: {url: 'redis://127.0.0.1:1/0'}\n"
+    "mqtt: {share_group: ingestd}\n"
+)
+
+
+def test_the_notification_outbox_is_in_postgresql_when_configured_else_local(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def outbox(text: str) -> tuple[str, str]:
+        settings = load_settings(write(tmp_path / "c.yaml", text))
+        return settings.notify.outbox, settings.notify_outbox
+
+    assert outbox("") == ("auto", "local")
+    assert outbox(f"postgres: {{url: '{PG}'}}\n") == ("auto", "postgres")
+    assert outbox(f"postgres: {{url: '{PG}'}}\nnotify: {{outbox: local}}\n") == ("local", "local")
+    assert outbox(f"postgres: {{url: '{PG}'}}\nnotify: {{outbox: postgres}}\n") == (
+        "postgres",
+        "postgres",
+    )
+    with pytest.raises(ConfigError, match=r"notify\.outbox postgres needs postgres\.url"):
+        outbox("notify: {outbox: postgres}\n")
+
+    # a cluster needs the outbox in PostgreSQL: auto with postgres.url is that
+    assert outbox(f"{CLUSTER}postgres: {{url: '{PG}'}}\n") == ("auto", "postgres")
+    with pytest.raises(ConfigError, match=r"outbox in PostgreSQL \(no postgres\.url\)"):
+        outbox(CLUSTER)
+    with pytest.raises(ConfigError, match=r"outbox in PostgreSQL \(notify\.outbox local\)"):
+        outbox(f"{CLUSTER}postgres: {{url: '{PG}'}}\nnotify: {{outbox: local}}\n")
+
+    # check --show says what auto means here, and its output still loads as auto
+    config = write(tmp_path / "pg.yaml", f"postgres: {{url: '{PG}'}}\n")
+    assert main(["check", "--config", str(config), "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "\nnotify:\n  outbox: auto  # postgres: postgres.url is set\n" in shown
+    assert load_settings(write(tmp_path / "shown.yaml", shown)).notify.outbox == "auto"
+    assert "\n  outbox: auto  # local: no postgres.url\n" in render_settings(load_settings(None))
+
+
 def test_durations_and_sizes_are_readable(tmp_path: Path) -> None:
     config = write(
         tmp_path / "c.yaml",

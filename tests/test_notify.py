@@ -737,6 +737,40 @@ def test_notify_test_sends_through_every_channel_of_a_route(
     assert "no route 'nope'; routes: ops" in capsys.readouterr().err
 
 
+def test_check_run_and_notify_test_refuse_a_config_file_channel_without_a_tagged_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    apprise_file = tmp_path / "apprise.yml"
+    apprise_file.write_text("urls:\n  - json://127.0.0.1:9/sms:\n      tag: sms\n")
+    config = tmp_path / "ingestd.yaml"
+
+    def configure(tag: str) -> NotifySection:
+        config.write_text(
+            f"spool: {{dir: {tmp_path / 'spool'}}}\n"
+            f"notify:\n  channels: {{pager: {{config: {apprise_file}, tag: {tag}}}}}\n"
+            "  routes: [{name: ops, channels: [pager]}]\n"
+        )
+        return load_settings(config).notify
+
+    configure("sms")
+    assert main(["check", "--config", str(config)]) == 0
+    capsys.readouterr()
+
+    notify = configure("nosuchtag")
+    refusal = (
+        f"ingestd: notify.channels.pager: the Apprise config file {apprise_file} "
+        "has no usable URL tagged 'nosuchtag'\n"
+    )
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(refusal) and "configuration is valid" not in err
+    assert main(["notify", "test", "ops", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == refusal
+    with pytest.raises(ConfigError) as caught:  # what `ingestd run` makes first
+        Notifier(notify, tmp_path, Metrics(), Health())
+    assert f"ingestd: {caught.value}\n" == refusal
+
+
 def test_status_without_an_outbox_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

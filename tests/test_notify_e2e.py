@@ -25,6 +25,7 @@ from test_alerts_e2e import Watcher, reading, wait_for
 from test_notify_endpoints import HookServer, MailServer
 
 COMPACT = "{% for e in events %}{{ e.kind }} {{ e.device }}\n{% endfor %}"
+HANG = 60.0  # "a channel that hangs for a minute" (issue 6)
 RULES = """
 rules:
   - name: ph_high
@@ -205,7 +206,7 @@ def test_a_hung_channel_slows_neither_ingestion_nor_alert_publication(
     hooks: HookServer,
 ) -> None:
     prefix = f"g{unique}"
-    call_timeout = 2.0
+    call_timeout = 2.0  # the per-call deadline: each call to the hung channel gives up after it
     notify = {
         **fast_retries(breaker_failures=2),
         "call_timeout": f"{call_timeout}s",
@@ -254,11 +255,13 @@ def test_a_hung_channel_slows_neither_ingestion_nor_alert_publication(
         healthy_alerts = alert_latencies("calm", 6)
         wait_for(lambda: len(lines(hooks, "hung")) == 6, "the healthy run's notifications")
 
-        hooks.set("hung", "hang", hang=20.0)
+        # The channel hangs for a minute: every call stays unanswered until it is set again.
+        hooks.set("hung", "hang", hang=2 * HANG)
+        hang_ends = time.monotonic() + HANG
         reading_before = hooks.arrivals("hung")
         alert_latencies("first", 1)
         wait_for(lambda: hooks.arrivals("hung") > reading_before, "a call to the hung channel")
-        hung_ingest = ingest_seconds(4000)
+        hung_ingest = [ingest_seconds(4000)]
         hung_alerts = alert_latencies("stuck", 6)
         wait_for(
             lambda: daemon.metric('ingestd_notifications_retried_total{channel="hung"}') >= 1,
@@ -266,22 +269,40 @@ def test_a_hung_channel_slows_neither_ingestion_nor_alert_publication(
         )
         # the other channel of the same route is served all along
         wait_for(lambda: len(lines(hooks, "good")) == 13, "the good channel, during the hang")
+        # ... and so on through the minute, its breaker open and probing the hung channel
+        calls_before = hooks.arrivals("hung")
+        late = []
+        for n, before_end in enumerate((40, 20, 8)):  # seconds before the hang ends
+            time.sleep(max(0.0, hang_ends - before_end - time.monotonic()))
+            hung_ingest.append(ingest_seconds(4000))
+            hung_alerts += alert_latencies(f"late{n}", 3)
+            late += [f"firing late{n}-{i}" for i in range(3)]
+        fired = 13 + len(late)
+        wait_for(lambda: len(lines(hooks, "good")) == fired, "the good channel, late in the hang")
+        assert hooks.arrivals("hung") > calls_before, "the hung channel was probed all along"
 
         # unaffected, compared with the healthy run of this same test
-        assert hung_ingest <= healthy_ingest * 3, (healthy_ingest, hung_ingest)
+        assert max(hung_ingest) <= healthy_ingest * 3, (healthy_ingest, hung_ingest)
         assert statistics.median(hung_alerts) <= 3 * statistics.median(healthy_alerts) + 0.1, (
             healthy_alerts,
             hung_alerts,
         )
         assert max(hung_alerts) < call_timeout, "an alert waited for a notification call"
 
-        hooks.set("hung", "ok")  # the channel answers again
+        assert time.monotonic() < hang_ends, "the checks above ran during the hang"
+        time.sleep(hang_ends - time.monotonic())
+        assert len(lines(hooks, "hung")) == 6, "nothing got through the hang"
+        hooks.set("hung", "ok")  # the channel answers again, a minute later
+        answered = time.monotonic()
         expected = sorted(
             [f"firing calm-{n}" for n in range(6)]
             + ["firing first-0"]
             + [f"firing stuck-{n}" for n in range(6)]
+            + late
         )
-        wait_for(lambda: len(lines(hooks, "hung")) >= 13, "the hung channel's notifications")
+        wait_for(lambda: len(lines(hooks, "hung")) >= fired, "the hung channel's notifications")
+        # when it answers: its breaker's next probe (breaker_cooldown 1s), then the rest
+        assert time.monotonic() - answered < 10, "the notifications came late"
         time.sleep(1.0)  # a duplicate would show by now
         assert sorted(lines(hooks, "hung")) == expected, "each exactly once"
         assert sorted(lines(hooks, "good")) == expected, "no duplicates on the good channel"

@@ -1,5 +1,6 @@
-"""The notification outbox in PostgreSQL (``notify.outbox: postgres``): the notifier's whole
-behaviour over it, one deliverer among instances, and PostgreSQL going away and back."""
+"""The notification outbox in PostgreSQL (``notify.outbox: auto`` with postgres.url, or
+``postgres``): the notifier's whole behaviour over it, one deliverer among instances, and
+PostgreSQL going away and back."""
 
 from __future__ import annotations
 
@@ -146,28 +147,55 @@ def test_postgres_down_the_local_outbox_serves_and_everything_moves_back(
 def test_the_daemon_config_and_status_command(
     pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import orjson  # noqa: PLC0415
     import yaml  # noqa: PLC0415
 
     from ingestd.cli import main  # noqa: PLC0415
+    from ingestd.config import Settings  # noqa: PLC0415
+    from ingestd.daemon import Daemon  # noqa: PLC0415
 
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    document: dict[str, Any] = {
+        "postgres": {"url": pg_url},
+        "spool": {"dir": str(spool)},
+        # no notify.outbox: auto, so the outbox is in PostgreSQL (postgres.url is set)
+        "notify": {"channels": {"a": "json://127.0.0.1:9/a"}},
+    }
     config = tmp_path / "ingestd.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "postgres": {"url": pg_url},
-                "spool": {"dir": str(tmp_path / "spool")},
-                "notify": {"outbox": "postgres"},
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(document))
     outbox = PostgresOutbox(_section(pg_url), SqliteOutbox(tmp_path / "x.sqlite"))
-    outbox.apply([_entry("waiting")])
+    outbox.apply([_entry("waiting", at=time.time() - 60)])  # by another instance
     outbox.close()
     capsys.readouterr()
     assert main(["notify", "status", "--config", str(config), "--json"]) == 0
-    status = capsys.readouterr().out
-    print(status)
-    assert "waiting" in status or '"pending":1' in status.replace(" ", ""), status
+    status = orjson.loads(capsys.readouterr().out)  # the document alone, no log line before
+    assert status["outbox"].startswith(f"PostgreSQL {pg_url} (local while it is down: ")
+    assert (status["pending"], status["failed"], status["escalation_timers"]) == (1, 0, 0)
+    (channel,) = status["channels"]
+    oldest = channel.pop("oldest_pending_s")
+    assert 60 <= oldest < 120, oldest
+    assert channel == {
+        "channel": "a",
+        "target": "json://127.0.0.1",
+        "breaker": "closed",
+        "failures": 0,
+        "pending": 1,
+        "failed": 0,
+        "delivered": 0,
+        "last_error": "",
+        "last_ok": "-",
+    }
+    assert status["recent_failures"] == []
+
+    # the daemon picks the same outbox; None is the notifier's local one: without
+    # postgres.url, and without channels (nothing is ever queued: no connection)
+    daemon_outbox = Daemon(Settings(**document))._outbox()
+    assert isinstance(daemon_outbox, PostgresOutbox)
+    daemon_outbox.close()
+    assert Daemon(Settings(**{**document, "postgres": {}}))._outbox() is None
+    assert Daemon(Settings(**{**document, "notify": {}}))._outbox() is None
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"notify": {"outbox": "postgres"}}))
     assert main(["check", "--config", str(bad)]) == 2

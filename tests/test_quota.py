@@ -9,6 +9,7 @@ import tracemalloc
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio
 from hypothesis import given, settings
@@ -19,12 +20,15 @@ from services import Redis
 import ingestd.quota
 from ingestd.config import QuotaLimits, QuotaRule, QuotasSection
 from ingestd.errors import ConfigError
+from ingestd.health import Health
+from ingestd.metrics import Metrics
 from ingestd.quota import (
     ALLOWED,
     BYTES,
     DAY,
     HOUR,
     RATE,
+    REGISTRY,
     VERDICT_NAMES,
     MemoryLimiter,
     QuotaBackendUnavailable,
@@ -32,6 +36,7 @@ from ingestd.quota import (
     RedisLimiter,
     check_rules,
 )
+from ingestd.throttle import Throttle
 
 MIB = 1024 * 1024
 
@@ -91,7 +96,7 @@ def test_match_templates_filters_and_keys() -> None:
     assert rules.match("$SYS/a/b") is None
     # Cached answers are the same answers.
     assert rules.match("farm/greenhouse/esp-1/ph") == (0, "esp-1")
-    assert rules.names == ("controllers", "relays", "probes", "roots", "sys")
+    assert rules.names == ("controllers", "relays", "probes", "roots", "sys", REGISTRY)
 
 
 def test_match_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,6 +127,7 @@ def test_check_rules_reports_every_error() -> None:
         rule("f", "$share/g/z/{device}", rate=1),
         rule("f", "w/{device}", rate=1),
         rule("g", "v/dev{device}", rate=1),
+        rule("registry", "u/{device}", rate=1),
     )
     problems = check_rules(quotas)
     text = "\n".join(problems)
@@ -133,6 +139,7 @@ def test_check_rules_reports_every_error() -> None:
     assert "drop the '$share/<group>/' prefix" in text
     assert "name 'f' is also the name of quotas.rules[4]" in text
     assert "level 'dev{device}' must be a literal" in text
+    assert "quotas.rules[7] 'registry': name 'registry' is reserved" in text
     assert not [p for p in problems if p.startswith("warning: ")]
     with pytest.raises(ConfigError, match=r"invalid quota rules \(\d+ problems\)"):
         QuotaRules(quotas)
@@ -405,6 +412,69 @@ def test_registry_limits_replace_rate_and_burst_at_once_and_can_be_removed() -> 
     assert limits.allow(0, "esp-1", 1) == DAY  # and the rule's per_day held throughout
 
 
+def test_a_registry_quota_limits_its_device_where_no_rule_matches() -> None:
+    """The audit's case: no quota rule for the device's topic (here, no rules at all), a
+    registry quota of rate 1 burst 3: the device is limited by it alone, under the rule
+    'registry'; an unregistered neighbour is not limited."""
+    clock = Clock()
+    quotas = section()
+    rules = QuotaRules(quotas)
+    limits = MemoryLimiter(rules, quotas, clock=clock, wallclock=clock)
+    assert rules.find("farm/gh1/esp-q/reservoir", "esp-q") is None
+    rules.set_registry_limits("esp-q", 1.0, 3)
+    found = rules.find("farm/gh1/esp-q/reservoir", "esp-q")
+    assert found == (rules.registry, "esp-q") and rules.names[rules.registry] == REGISTRY
+    assert rules.find("farm/gh1/esp-n/reservoir", "esp-n") is None
+    assert [limits.allow(*found, 1) for _ in range(5)] == [ALLOWED] * 3 + [RATE] * 2
+    clock.t += 1
+    assert [limits.allow(*found, 1) for _ in range(2)] == [ALLOWED, RATE]
+    # Removed from the registry: no limit, at once (its held state included).
+    rules.set_registry_limits("esp-q", None, None)
+    limits.relimit("esp-q")
+    assert rules.find("farm/gh1/esp-q/reservoir", "esp-q") is None
+    assert [limits.allow(*found, 1) for _ in range(5)] == [ALLOWED] * 5
+
+
+def test_a_rule_matching_the_topic_comes_before_the_registry_rule() -> None:
+    rules = QuotaRules(section(rule("probes", "farm/+/{device}/#", rate=100, per_day=2)))
+    rules.set_registry_limits("esp-q", 1.0, None)
+    assert rules.find("farm/gh1/esp-q/ph", "esp-q") == (0, "esp-q")
+    assert rules.find("lab/esp-q/ph", "esp-q") == (rules.registry, "esp-q")
+    assert rules.find("lab/esp-n/ph", "esp-n") is None
+    under_rule = rules.limits_for(0, "esp-q")
+    assert (under_rule.interval, under_rule.per_day) == (1.0, 2)  # the rule's per_day stays
+    alone = rules.limits_for(rules.registry, "esp-q")
+    assert (alone.interval, alone.per_day, alone.unlimited) == (1.0, 0, False)
+
+
+def test_throttle_drops_and_notices_under_the_registry_rule() -> None:
+    """The quota stage as the daemon drives it, no rules configured: drops are counted,
+    noticed and listed under rule 'registry'; a NaN rate (SQL, not the CLI) is ignored."""
+    clock = Clock()
+    metrics = Metrics()
+    published: list[tuple[str, bytes]] = []
+
+    def publish(topic: str, payload: bytes) -> bool:
+        published.append((topic, payload))
+        return True
+
+    throttle = Throttle(section(notice_interval=60), metrics, Health(), publish, clock=clock)
+    throttle.set_device_limits("esp-q", 1.0, 2)
+    item = throttle.match("farm/gh1/esp-q/reservoir", 10, "esp-q")
+    assert item is not None
+    assert [throttle.allow(item) for _ in range(5)] == [True, True, False, False, False]
+    assert throttle.match("farm/gh1/esp-n/reservoir", 10, "esp-n") is None
+    labels = {"rule": REGISTRY, "device": "esp-q", "limit": "rate"}
+    assert metrics.registry.get_sample_value("ingestd_quota_dropped_total", labels) == 3
+    ((topic, payload),) = published
+    notice = orjson.loads(payload)
+    assert topic == "ingestd/quota/esp-q"
+    assert (notice["rule"], notice["limit"], notice["dropped"]) == (REGISTRY, "rate", 1)
+    assert [(t["device"], t["rule"]) for t in throttle.top()] == [("esp-q", REGISTRY)]
+    throttle.set_device_limits("esp-n", float("nan"), None)
+    assert throttle.match("farm/gh1/esp-n/reservoir", 10, "esp-n") is None
+
+
 def test_rules_count_separately_and_exempt_rules_keep_no_state() -> None:
     clock = Clock()
     limits = limiter(
@@ -637,6 +707,33 @@ def test_two_instances_share_one_quota(redis_server: Redis, unique: str) -> None
             await second.aclose()
 
     assert asyncio.run(run()) == [ALLOWED] * 5 + [RATE] * 5
+
+
+def test_redis_limits_a_device_by_its_registry_quota_alone(
+    redis_server: Redis, unique: str
+) -> None:
+    quotas = section(redis_timeout=2)
+    rules = QuotaRules(quotas)
+    prefix = f"ingestd:quota:{unique}:"
+
+    async def run() -> tuple[list[int], list[int], int]:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            limits = RedisLimiter(rules, quotas, client, prefix=prefix)
+            rules.set_registry_limits("esp-q", 0.01, 2)
+            item = rules.find("farm/gh1/esp-q/reservoir", "esp-q")
+            assert item == (rules.registry, "esp-q")
+            limited = await limits.allow_batch([(*item, 1)] * 4)
+            stored = await client.exists(f"{prefix}{REGISTRY}:esp-q")
+            rules.set_registry_limits("esp-q", None, None)
+            return limited, await limits.allow_batch([(*item, 1)] * 4), stored
+        finally:
+            await client.aclose()
+
+    limited, removed, stored = asyncio.run(run())
+    assert limited == [ALLOWED, ALLOWED, RATE, RATE]
+    assert stored == 1
+    assert removed == [ALLOWED] * 4
 
 
 def test_script_is_loaded_again_after_a_flush(redis_server: Redis, unique: str) -> None:

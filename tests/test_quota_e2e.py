@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import threading
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
+import pytest
 from conftest import ServiceFactory
 from daemon import REPO, DaemonProcess, daemon_config
 from paho.mqtt.enums import CallbackAPIVersion
 from services import Mosquitto, Redis, VictoriaMetrics
 
+from ingestd.cli import main
 from ingestd.simulate import Fleet
 
 RATE, BURST = 20, 20
@@ -190,3 +194,81 @@ def test_two_instances_share_one_quota_per_device_through_redis_and_survive_its_
     finally:
         for d in daemons:
             d.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_registry_quota_limits_its_device_with_no_quota_rule(  # noqa: PLR0917 - fixtures
+    tmp_path: Path,
+    services: ServiceFactory,
+    mosquitto: Mosquitto,
+    victoria_metrics: VictoriaMetrics,
+    pg_url: str,
+    unique: str,
+    backend: str,
+) -> None:
+    """The audit's case: `devices add --quota-rate 1 --quota-burst N` on a daemon without
+    quota rules. The device gets burst + rate x span of a flood; its unregistered neighbour
+    loses nothing; the drops say rule 'registry'."""
+    prefix = f"g{unique}"
+    rate, burst = 1, 5
+    quotas: dict[str, Any] = {"notice_interval": "2s", "backend": backend}
+    more: dict[str, Any] = {}
+    if backend == "redis":
+        more["redis"] = {"url": services.redis().url}
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        prefix,
+        {"url": victoria_metrics.url},
+        quotas=quotas,
+        postgres={"url": pg_url, "connect_timeout": "1s", "retry": "300ms"},
+        **more,
+    )
+    daemon = DaemonProcess(tmp_path, config)
+    flooder, neighbour = "esp32-00000", "esp32-00001"
+    added = main(
+        [
+            "devices",
+            "add",
+            flooder,
+            "--quota-rate",
+            str(rate),
+            "--quota-burst",
+            str(burst),
+            "--config",
+            str(daemon.config_path),
+        ]
+    )
+    assert added == 0
+    daemon.start()
+    try:
+        assert daemon.metric("ingestd_registry_devices") == 1
+        flood = Fleet(mosquitto.url, devices=1, prefix=prefix)  # 20x its rate
+        calm = Fleet(mosquitto.url, devices=1, prefix=prefix, first=1)  # not in the registry
+        run_fleets((flood, 20, 20 * 12), (calm, 5, 5 * 12))
+        daemon.wait(
+            lambda: len(stored(victoria_metrics, prefix, neighbour)) == 5 * 12,
+            "storing every reading of the unregistered neighbour",
+        )
+        daemon.wait(
+            lambda: daemon.metric("ingestd_messages_received_total") == 25 * 12, "every message"
+        )
+        daemon.wait(lambda: daemon.metric("ingestd_spool_records") == 0, "drained")
+        stamps = stored(victoria_metrics, prefix, flooder)
+        span = (stamps[-1] - stamps[0]) / 1000
+        expected = burst + rate * span
+        assert span >= 10, stamps
+        assert abs(len(stamps) - expected) <= 2, (len(stamps), span)
+        dropped = daemon.metric(
+            f'ingestd_quota_dropped_total{{device="{flooder}",limit="rate",rule="registry"}}'
+        )
+        assert dropped == 20 * 12 - len(stamps)
+        assert not any(neighbour in k for k in daemon.metrics() if "quota_dropped" in k)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["quotas", "--config", str(daemon.config_path)]) == 0
+        (row,) = [line.split() for line in out.getvalue().splitlines() if flooder in line]
+        assert row[:3] == [flooder, "registry", "rate"]
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import pytest
 import yaml
 from daemon import REPO, DaemonProcess, daemon_config
 from services import Mosquitto, Postgres, VictoriaMetrics
@@ -261,7 +262,12 @@ def test_devices_commands(tmp_path: Path, pg_url: str) -> None:
     assert orjson.loads(out.splitlines()[0])["enabled"] is False
     assert _cli(config, "devices", "disable", "nope")[0] == 2
     assert _cli(config, "devices", "calibrate", "nope", "ph", "--offset", "1")[0] == 2
-    assert _cli(config, "devices", "calibrate", "esp-1", "ph", "--scale", "0")[0] == 2
+    with pytest.raises(SystemExit, match="2"):  # refused while parsing (test_store_cli.py)
+        _cli(config, "devices", "calibrate", "esp-1", "ph", "--scale", "0")
+    assert _cli(config, "devices", "calibrate", "esp-2") == (
+        0,
+        "device esp-2 has no calibrations\n",
+    )
     code, out = _cli(
         config,
         "devices",
@@ -290,3 +296,51 @@ def test_devices_commands(tmp_path: Path, pg_url: str) -> None:
     assert [orjson.loads(line)["id"] for line in out.splitlines()] == ["x1"]
     code, out = _cli(config, "alerts", "history", "--since", "7d", "--rule", "ph_high")
     assert "x1" in out and "x2" in out
+    # Longer than the calendar goes back: everything. More than PostgreSQL counts: all.
+    code, out = _cli(config, "alerts", "history", "--since", "100000000d")
+    assert code == 0 and "x1" in out and "x2" in out
+    code, out = _cli(config, "alerts", "history", "--since", "7d", "--limit", "9" * 30)
+    assert code == 0 and "x1" in out and "x2" in out
+    code, out = _cli(config, "alerts", "history", "--since", "7d", "--limit", "1")
+    assert code == 0 and len(out.splitlines()) == 1
+    ages = tmp_path / "ages.yaml"
+    ages.write_text(
+        yaml.safe_dump(
+            {
+                "postgres": {"url": pg_url},
+                "spool": {"dir": str(tmp_path)},
+                "retention": {"alert_history": "36500d"},
+            }
+        )
+    )
+    code, out = _cli(ages, "retention", "apply", "--dry-run")
+    assert code == 0 and "would delete 0 resolved alerts" in out
+
+
+def test_devices_commands_refuse_what_the_database_would(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What once reached PostgreSQL and came back as a psycopg traceback (a CHECK, a LIMIT,
+    a foreign key), or was stored to do harm later (NaN quotas and calibrations)."""
+    config = tmp_path / "ingestd.yaml"
+    config.write_text(
+        yaml.safe_dump({"postgres": {"url": pg_url}, "spool": {"dir": str(tmp_path)}})
+    )
+    for argv in (
+        ["devices", "add", "x", "--quota-rate", "-1"],
+        ["devices", "add", "x", "--quota-rate", "nan"],
+        ["devices", "add", "x", "--quota-rate", "1", "--quota-burst", "-1"],
+        ["devices", "add", "x", "--site", ""],
+        ["devices", "calibrate", "x", "ph", "--scale", "inf"],
+        ["alerts", "history", "--limit", "-5"],
+        ["alerts", "history", "--since", "bogus"],
+    ):
+        with pytest.raises(SystemExit, match="2"):
+            _cli(config, *argv)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"'{argv[-1]}'" in err.splitlines()[-1], err
+    assert _cli(config, "devices", "calibrate", "nope") == (2, "")
+    assert "no device 'nope' in the registry" in capsys.readouterr().err
+    assert _cli(config, "devices", "add", "x", "--quota-burst", "5") == (2, "")
+    assert "needs --quota-rate" in capsys.readouterr().err
+    assert _sql(pg_url, "SELECT count(*) FROM devices")[0][0] == 0

@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import apprise
 
-from ingestd.config import NotifyChannel, apprise_quiet
+from ingestd.config import NotifyChannel, NotifySection, apprise_quiet
 from ingestd.errors import ConfigError
 from ingestd.notify.messages import Message
 
-__all__ = ["Channel", "SendResult", "silence_apprise"]
+__all__ = ["Channel", "SendResult", "open_channels", "silence_apprise"]
 
 _TOKEN_SPLIT = re.compile(r"[/:@?&=#,+;]+")
 
@@ -45,6 +46,18 @@ def silence_apprise() -> None:
     logger = logging.getLogger("apprise")
     if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
         logger.addHandler(logging.NullHandler())
+
+
+def open_channels(section: NotifySection, names: Iterable[str] | None = None) -> list[Channel]:
+    """The channels ``names`` (default: every channel), each checked: ConfigError when one
+    has nothing to send to. ``ingestd run``, ``ingestd check`` and ``ingestd notify test``
+    all refuse a channel here, with the same message."""
+    silence_apprise()
+    wanted = section.channels if names is None else names
+    channels = [Channel(name, section.channels[name], section.call_timeout) for name in wanted]
+    for channel in channels:
+        channel.check()
+    return channels
 
 
 class Channel:

@@ -1,10 +1,10 @@
 """``ingestd notify test ROUTE`` and ``ingestd notify status``.
 
 ``test`` sends one test message through every channel of a route, directly (no daemon
-needed; quiet hours do not apply). ``status`` reads the local outbox
-(``<spool dir>/notify.sqlite``) read-only, so it works whether or not the daemon runs:
-pending and failed entries, the oldest pending age, escalation timers and each channel's
-circuit breaker. Channels are shown by name and ``scheme://host`` only: URLs hold tokens.
+needed; quiet hours do not apply). ``status`` reads the outbox (``<spool dir>/notify.sqlite``,
+and PostgreSQL's when notifications wait there) read-only, so it works whether or not the
+daemon runs: pending and failed entries, the oldest pending age, escalation timers and each
+channel's circuit breaker. Channels are shown by name and ``scheme://host`` only: URLs hold tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import orjson
 
 from ingestd.config import Settings, mask_url
 from ingestd.errors import ConfigError
-from ingestd.notify.channels import Channel, silence_apprise
+from ingestd.notify.channels import Channel, open_channels, silence_apprise
 from ingestd.notify.messages import message_ref, render
 from ingestd.notify.outbox import FILENAME, ChannelRecord, ChannelStats, Outbox, SqliteOutbox
 from ingestd.notify.pg_outbox import PostgresOutbox
@@ -38,12 +38,7 @@ def send_test(settings: Settings, route_name: str, out: TextIO) -> int:
     if route is None:
         known = ", ".join(r.name for r in section.routes) or "none configured (notify.routes)"
         raise ConfigError(f"notify test: no route {route_name!r}; routes: {known}")
-    silence_apprise()
-    channels = [
-        Channel(name, section.channels[name], section.call_timeout) for name in route.channels
-    ]
-    for channel in channels:
-        channel.check()
+    channels = open_channels(section, route.channels)
     now = time.time()
     event = _test_event(route.name, now)
     ref = message_ref([f"test\x1f{route.name}\x1f{now!r}"])
@@ -104,7 +99,7 @@ def show_status(settings: Settings, out: TextIO, *, as_json: bool = False) -> in
     path = settings.spool.dir / FILENAME
     section = settings.notify
     store: Outbox
-    if section.outbox == "postgres":
+    if settings.notify_outbox == "postgres":
         # The shared outbox, with this gateway's local one (used while PostgreSQL is down).
         local = SqliteOutbox(path if path.exists() else Path(":memory:"), readonly=path.exists())
         store = PostgresOutbox(settings.postgres, local, readonly=True)
@@ -150,7 +145,7 @@ def show_status(settings: Settings, out: TextIO, *, as_json: bool = False) -> in
     pending = sum(r.pending for r in rows)
     failed = sum(r.failed for r in rows)
     where = str(path)
-    if section.outbox == "postgres":
+    if settings.notify_outbox == "postgres":
         where = (
             f"PostgreSQL {mask_url(settings.postgres.url or '')} (local while it is down: {path})"
         )

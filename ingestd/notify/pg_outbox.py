@@ -1,4 +1,5 @@
-"""The outbox in PostgreSQL (``notify.outbox: postgres``): one outbox for every instance.
+"""The outbox in PostgreSQL (``notify.outbox: postgres``, or ``auto`` with postgres.url): one
+outbox for every instance.
 
 Every instance writes its entries to the shared tables; the instance holding an advisory
 lock delivers them (one deliverer at a time, so no notification goes out twice; when it
@@ -292,7 +293,8 @@ class PostgresOutbox:
         except psycopg.Error as exc:
             self._down(exc)
             return None
-        log.info("notification outbox in PostgreSQL")
+        if not self._readonly:  # `notify status --json`: stdout is the document, no log line
+            log.info("notification outbox in PostgreSQL")
         if self._on_state is not None:
             self._on_state(None)
         return conn

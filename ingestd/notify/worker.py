@@ -41,7 +41,7 @@ from ingestd.config import NotifySection
 from ingestd.health import Health
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
-from ingestd.notify.channels import Channel, SendResult, silence_apprise
+from ingestd.notify.channels import Channel, SendResult, open_channels
 from ingestd.notify.messages import Templates, message_ref, render
 from ingestd.notify.outbox import (
     FILENAME,
@@ -183,13 +183,7 @@ class Notifier:
         self._health = health
         self._clock = clock
         self._router = Router(section)
-        silence_apprise()
-        self._channels = {
-            name: Channel(name, spec, section.call_timeout)
-            for name, spec in section.channels.items()
-        }
-        for channel in self._channels.values():
-            channel.check()
+        self._channels = {channel.name: channel for channel in open_channels(section)}
         self._outbox: Outbox = outbox or SqliteOutbox(state_dir / FILENAME)
         self._db = ThreadPoolExecutor(1, thread_name_prefix="ingestd-outbox")
         self._pool = ThreadPoolExecutor(section.workers, thread_name_prefix="ingestd-notify")

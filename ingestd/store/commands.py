@@ -4,8 +4,7 @@ a running daemon sees registry changes within a second (LISTEN/NOTIFY)."""
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import orjson
@@ -57,6 +56,7 @@ QUERIES: dict[str, str] = {
         ' ON CONFLICT (device_id, field, valid_from) DO UPDATE SET "offset" = excluded."offset",'
         " scale = excluded.scale, created_by = excluded.created_by RETURNING id"
     ),
+    "device_get": "SELECT id FROM devices WHERE id = %(id)s",
     "calibrations_of": (
         'SELECT id, field, "offset", scale, valid_from, created_by FROM calibrations'
         " WHERE device_id = %(id)s ORDER BY field, valid_from"
@@ -86,6 +86,7 @@ QUERIES: dict[str, str] = {
     ),
 }
 _T = datetime(2026, 1, 1, tzinfo=UTC)
+_BIGINT_MAX = 2**63 - 1
 EXAMPLE_PARAMS: dict[str, dict[str, Any]] = {
     "devices_list": {},
     "devices_list_site": {"site": "gh1"},
@@ -108,6 +109,7 @@ EXAMPLE_PARAMS: dict[str, dict[str, Any]] = {
         "valid_from": _T,
         "by": "admin",
     },
+    "device_get": {"id": "dev-00042"},
     "calibrations_of": {"id": "dev-00042"},
     "history_all": {"since": _T, "limit": 100},
     "history_device": {"device": "dev-00042", "since": _T, "limit": 100},
@@ -193,6 +195,10 @@ def list_devices(settings: Settings, out: TextIO, *, site: str | None, as_json: 
 
 
 def add_device(settings: Settings, out: TextIO, args: Any) -> int:
+    if args.quota_burst is not None and args.quota_rate is None:
+        raise ConfigError(
+            f"--quota-burst {args.quota_burst} needs --quota-rate: a burst alone limits nothing"
+        )
     with _open(settings) as conn, conn.transaction():
         if args.site:
             conn.execute(QUERIES["site_add"], {"site": args.site})
@@ -222,31 +228,30 @@ def set_enabled(settings: Settings, out: TextIO, device: str, *, enabled: bool) 
     return 0
 
 
-def _when(text: str | None) -> datetime:
-    if text is None:
-        return datetime.now(UTC)
-    try:
-        found = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            f"--from {text!r}: expected an ISO 8601 time, e.g. 2026-11-29T08:00:00Z"
-        ) from None
-    found = found if found.tzinfo else found.replace(tzinfo=UTC)
-    if not 1970 <= found.year <= 2261:
-        raise ConfigError(f"--from {text!r}: a time between 1970 and 2261, please")
-    return found
-
-
 def calibrate(settings: Settings, out: TextIO, args: Any) -> int:
-    if args.scale == 0:
-        raise ConfigError("--scale 0 would erase every value; did you mean 1?")
-    valid_from = _when(args.valid_from)
+    """``args.valid_from``: a datetime (the CLI parses and bounds it), None for now."""
+    valid_from: datetime = args.valid_from or datetime.now(UTC)
     if args.field is not None and args.offset is None and args.scale is None:
         raise ConfigError("give --offset and/or --scale for the calibration of " + args.field)
+    if args.field is None:
+        given = [
+            f"--{name.removeprefix('valid_')}"
+            for name in ("offset", "scale", "valid_from")
+            if getattr(args, name) is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{' '.join(given)} without a field: name it, e.g. ingestd devices calibrate"
+                f" {args.device} ph {given[0]} ... (no field lists the calibrations)"
+            )
     with _open(settings) as conn:
         if args.field is None:
             rows = conn.execute(QUERIES["calibrations_of"], {"id": args.device}).fetchall()
             if not rows:
+                if conn.execute(QUERIES["device_get"], {"id": args.device}).fetchone() is None:
+                    raise ConfigError(
+                        f"no device {args.device!r} in the registry (see: ingestd devices list)"
+                    )
                 print(f"device {args.device} has no calibrations", file=out)
             for r in rows:
                 print(
@@ -283,8 +288,13 @@ def calibrate(settings: Settings, out: TextIO, args: Any) -> int:
 
 
 def alert_history(settings: Settings, out: TextIO, args: Any) -> int:
-    since = datetime.fromtimestamp(time.time() - parse_duration(args.since), UTC)
-    params: dict[str, Any] = {"since": since, "limit": args.limit}
+    """``args.since``: a duration (any length: longer than the calendar is everything);
+    ``args.limit``: 1 or more (more than PostgreSQL's bigint is all)."""
+    try:
+        since = datetime.now(UTC) - timedelta(seconds=parse_duration(args.since))
+    except OverflowError:  # before year 1
+        since = datetime.min.replace(tzinfo=UTC)
+    params: dict[str, Any] = {"since": since, "limit": min(args.limit, _BIGINT_MAX)}
     if args.device and args.rule:
         query = "history_rule_device"
     elif args.device:
