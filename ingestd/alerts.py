@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,9 +83,10 @@ class StateStore(Protocol):
     async def save_recent(self, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
         """The transitions' hand-offs (outbox, history), then the essential snapshot."""
 
-    async def save_full(self, snapshot: dict[str, Any]) -> bool:
-        """The whole state (its ``states`` may be an ``orjson.Fragment``: encode it with
-        orjson)."""
+    async def save_full(self, header: dict[str, Any], parts: AsyncIterator[bytes]) -> bool:
+        """The whole state: ``header`` with ``"states"``, a JSON array whose items come in
+        ``parts`` (each the items of a part, comma-separated, without brackets), produced
+        while the store writes them so the whole state is never held at once."""
 
     def close(self) -> None: ...
 
@@ -99,6 +100,7 @@ class FileStore:
         self.full_file = state_dir / "alerts.json"
         self.recent_file = state_dir / "alerts.recent.json"
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-state")
+        self._full_lock = asyncio.Lock()
 
     def __str__(self) -> str:
         return str(self.full_file)
@@ -116,9 +118,28 @@ class FileStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._saver, _save, self.recent_file, data, writes)
 
-    async def save_full(self, snapshot: dict[str, Any]) -> bool:
+    async def save_full(self, header: dict[str, Any], parts: AsyncIterator[bytes]) -> bool:
+        """Written part by part as they come (a part is a few MiB; the whole state of
+        10,000 devices, held at once and copied twice, raised the RSS by 70 MiB every 30 s),
+        then fsynced and put in place in the saver thread, in order with the other saves."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._saver, _save_json, self.full_file, snapshot)
+        tmp = self.full_file.with_suffix(".tmp")
+        async with self._full_lock:
+            try:
+                with tmp.open("wb") as handle:
+                    handle.write(orjson.dumps(header)[:-1] + b',"states":[')
+                    first = True
+                    async for part in parts:
+                        handle.write(part if first else b"," + part)
+                        first = False
+                    handle.write(b"]}")
+                    handle.flush()
+                    await loop.run_in_executor(self._saver, os.fsync, handle.fileno())
+                await loop.run_in_executor(self._saver, tmp.replace, self.full_file)
+            except OSError as exc:
+                log.error("cannot save the alert state; will retry", file=str(tmp), error=str(exc))
+                return False
+        return True
 
     def close(self) -> None:
         self._saver.shutdown(wait=True)
@@ -338,16 +359,18 @@ class AlertStage:
         self._stale = False
         self._full_at = time.monotonic()
         header, parts = self.engine.snapshot_in_parts()
-        # Each part is encoded at once, so the loop never holds the whole state as objects
-        # (they outlived young collections and set off full ones: 150 ms pauses, bench).
-        encoded: list[bytes] = []
-        for part in parts:
-            if part:
-                encoded.append(orjson.dumps(part)[1:-1])
-            await asyncio.sleep(0)
-        states = orjson.Fragment(b"[" + b",".join(encoded) + b"]")
+
+        async def encoded() -> AsyncIterator[bytes]:
+            # Each part encoded at once and handed on: the loop never holds the whole state
+            # as objects (they outlived young collections and set off full ones: 150 ms
+            # pauses, bench) nor as one byte string.
+            for part in parts:
+                if part:
+                    yield orjson.dumps(part)[1:-1]
+                await asyncio.sleep(0)
+
         try:
-            saved = await self._store.save_full({**header, "states": states})
+            saved = await self._store.save_full(header, encoded())
         except BaseException:
             self._stale = True
             raise
@@ -449,10 +472,6 @@ def _save(path: Path, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool
     crash in between repeats a transition (it happens again after the restart), it never
     loses one."""
     return _write_atomically(path, data) if run_writes(writes) else False
-
-
-def _save_json(path: Path, snapshot: dict[str, Any]) -> bool:
-    return _write_atomically(path, orjson.dumps(snapshot))
 
 
 def _write_atomically(path: Path, data: bytes) -> bool:

@@ -45,3 +45,58 @@ def test_a_failing_save_holds_the_acks_until_it_succeeds(tmp_path: Path) -> None
         await stage.close()
 
     asyncio.run(scenario())
+
+
+RATE_RULE = """
+rules:
+  - name: warming_fast
+    select: {measurement: reservoir, field: water_temp}
+    rate: {above: 0.5, window: 10m}
+"""
+
+
+def test_the_whole_state_written_part_by_part_restores_every_device(tmp_path: Path) -> None:
+    """The full save streams the states in parts; a restart gets every one of them back
+    (here 5,000 devices' rate samples: more than two parts), and a save that cannot be
+    written leaves the previous file in place."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(RULE + RATE_RULE.removeprefix("\nrules:\n"))
+    state = tmp_path / "state"
+    state.mkdir()
+    now = 1_790_000_000.0
+    devices = 5000
+
+    def stage() -> AlertStage:
+        section = RulesSection(dir=rules)
+        return AlertStage(section, state, Metrics(), Health(), lambda t, p, r: True)
+
+    async def write() -> None:
+        first = stage()
+        for minute in range(3):
+            first.evaluate(
+                [
+                    Reading("reservoir", f"dev{i}", {}, {"water_temp": 20.0 + minute}, t)
+                    for i in range(devices)
+                    for t in [int((now + minute * 60) * 1e9)]
+                ]
+            )
+        first.evaluate([Reading("reservoir", "dev0", {}, {"ph": 7.5}, int((now + 200) * 1e9))])
+        await first.close()  # a full save
+
+    async def fail_then_keep() -> None:
+        second = stage()
+        kept = (state / "alerts.json").read_bytes()
+        (state / "alerts.tmp").mkdir()  # the temporary file cannot be created
+        await second.save_full()
+        assert (state / "alerts.json").read_bytes() == kept
+        (state / "alerts.tmp").rmdir()
+        await second.close()
+
+    asyncio.run(write())
+    restored = stage().engine.snapshot()["states"]
+    samples = {s["device"]: s["samples"] for s in restored if s["rule"] == "warming_fast"}
+    assert len(samples) == devices
+    assert all(len(pairs) == 3 for pairs in samples.values())
+    assert [s["device"] for s in restored if s["rule"] == "ph_high"] == ["dev0"]
+    asyncio.run(fail_then_keep())

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,12 +123,14 @@ class RedisStore:
         value = b'{"position":"%s","snapshot":%s}' % (position.encode(), data)
         return await self._write("recent", value, None)
 
-    async def save_full(self, snapshot: dict[str, Any]) -> bool:
+    async def save_full(self, header: dict[str, Any], parts: AsyncIterator[bytes]) -> bool:
+        # The position before the parts are dumped: a state dumped later may hold entries
+        # after it, which a replay from here ignores as stale; the other way round, a state
+        # dumped before entries the position covers would lose them.
         position = self.position
-        loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(
-            self._saver, orjson.dumps, {"position": position, "snapshot": snapshot}
-        )
+        states = b",".join([part async for part in parts])
+        snapshot = orjson.dumps(header)[:-1] + b',"states":[' + states + b"]}"
+        value = b'{"position":"%s","snapshot":%s}' % (position.encode(), snapshot)
         return await self._write("full", value, position)
 
     async def _write(self, kind: str, value: bytes, trim_to: str | None) -> bool:
@@ -162,7 +164,7 @@ class _NoStore:
     async def save_recent(self, data: bytes, writes: Sequence[Callable[[], bool]]) -> bool:
         return True
 
-    async def save_full(self, snapshot: dict[str, Any]) -> bool:
+    async def save_full(self, header: dict[str, Any], parts: AsyncIterator[bytes]) -> bool:
         return True
 
     def close(self) -> None:
