@@ -24,6 +24,7 @@ from ingestd import __version__
 from ingestd.config import (
     DEFAULT_CONFIG_PATH,
     DURATION_HELP,
+    LoggingSection,
     Settings,
     load_settings,
     parse_duration,
@@ -749,6 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retention": _retention,
         "influx": _influx,
     }
+    if args.command != "run":  # run logs as its config says
+        # A command's output is on stdout (often JSON for a script): its warnings go to
+        # stderr (unconfigured, structlog would print them on stdout).
+        from ingestd.logs import configure_logging  # noqa: PLC0415
+
+        configure_logging(LoggingSection(level="info", format="console"))
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

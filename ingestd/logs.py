@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -24,8 +24,22 @@ _LEVELS = {
 }
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (a test harness swaps it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(section: LoggingSection, stream: TextIO | None = None) -> None:
-    stream = stream or sys.stderr
+    """Log lines to ``stream`` (default: standard error) as ``section`` says."""
+    stream = stream or cast(TextIO, _Stderr())
     fmt = section.format
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"

@@ -10,6 +10,7 @@ import pytest
 from ingestd.cli import main
 from ingestd.config import load_settings, mask_url, render_settings
 from ingestd.errors import ConfigError
+from ingestd.logs import get_logger
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "ingestd.yaml"
@@ -294,3 +295,18 @@ def test_commands_that_ask_the_daemon_say_when_it_is_not_running(
     assert "is it running?" in capsys.readouterr().err
     assert main(["quotas", "--config", str(EXAMPLE)]) == 1
     assert "is it running?" in capsys.readouterr().err
+
+
+def test_a_command_logs_on_stderr_so_its_stdout_stays_its_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ingestd notify status --json` once began with a log line on stdout: any command but
+    run (which logs as its config says) sends log lines to stderr."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    assert main(["rules", "check", str(rules)]) == 0
+    capsys.readouterr()
+    get_logger("test").warning("a warning during a command")
+    captured = capsys.readouterr()
+    assert "a warning during a command" in captured.err
+    assert captured.out == ""
