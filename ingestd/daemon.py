@@ -65,7 +65,9 @@ _GC_THRESHOLDS = (10_000, 20, 10)
 """Young collections every 50,000 allocations, not 700: readings wait in queues for a few
 hundred ms, outlived two young collections at the default and reached the old generation,
 whose growth set off a full collection every 4 s (100-450 ms pauses with 10,000 devices'
-rule state: bench latency scenario, ``ingestd_gc_pause_seconds``)."""
+rule state: bench latency scenario, ``ingestd_gc_pause_seconds``). Alert p99 there: 218 ms at
+the default, 40 ms at these, 558 ms with (10_000, 5, 10) (more objects reach the old
+generation: more full collections)."""
 
 
 class Daemon:
