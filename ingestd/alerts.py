@@ -121,23 +121,29 @@ class FileStore:
     async def save_full(self, header: dict[str, Any], parts: AsyncIterator[bytes]) -> bool:
         """Written part by part as they come (a part is a few MiB; the whole state of
         10,000 devices, held at once and copied twice, raised the RSS by 70 MiB every 30 s),
-        then fsynced and put in place in the saver thread, in order with the other saves."""
+        each write, the fsync and the rename in the saver thread (a slow SD card holds that
+        thread, not the event loop), in order with the other saves."""
         loop = asyncio.get_running_loop()
         tmp = self.full_file.with_suffix(".tmp")
+
+        def run(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            return loop.run_in_executor(self._saver, fn, *args)
+
         async with self._full_lock:
             try:
-                with tmp.open("wb") as handle:
-                    handle.write(orjson.dumps(header)[:-1] + b',"states":[')
+                with tmp.open("wb", buffering=0) as handle:
+                    await run(handle.write, orjson.dumps(header)[:-1] + b',"states":[')
                     first = True
                     async for part in parts:
-                        handle.write(part if first else b"," + part)
+                        await run(handle.write, part if first else b"," + part)
                         first = False
-                    handle.write(b"]}")
-                    handle.flush()
-                    await loop.run_in_executor(self._saver, os.fsync, handle.fileno())
-                await loop.run_in_executor(self._saver, tmp.replace, self.full_file)
+                    await run(handle.write, b"]}")
+                    await run(os.fsync, handle.fileno())
+                await run(tmp.replace, self.full_file)
             except OSError as exc:
                 log.error("cannot save the alert state; will retry", file=str(tmp), error=str(exc))
+                with contextlib.suppress(OSError):
+                    tmp.unlink()  # a partial file would take disk space until the next try
                 return False
         return True
 

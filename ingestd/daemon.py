@@ -62,7 +62,7 @@ _APPEND, _REJECT, _SKIP = 0, 1, 2
 
 
 _GC_THRESHOLDS = (10_000, 20, 10)
-"""Young collections every 50,000 allocations, not 700: readings wait in queues for a few
+"""Young collections every 10,000 allocations, not 700: readings wait in queues for a few
 hundred ms, outlived two young collections at the default and reached the old generation,
 whose growth set off a full collection every 4 s (100-450 ms pauses with 10,000 devices'
 rule state: bench latency scenario, ``ingestd_gc_pause_seconds``). Alert p99 there: 218 ms at

@@ -23,6 +23,9 @@ class LoopWatch:
         self._metrics = metrics
         self._interval = interval
         self._gc_started: float | None = None
+        # Made here: labels() takes the metric's lock, which a scrape holds while it copies
+        # a dict - a copy that can start a collection, whose callback would wait forever.
+        self._gc_pause = {g: metrics.gc_pause.labels(str(g)) for g in range(3)}
 
     async def run(self) -> None:
         """Sample the loop's lag until cancelled; time GC collections meanwhile."""
@@ -42,4 +45,6 @@ class LoopWatch:
         elif self._gc_started is not None:
             pause = time.perf_counter() - self._gc_started
             self._gc_started = None
-            self._metrics.gc_pause.labels(str(info.get("generation", "?"))).observe(pause)
+            child = self._gc_pause.get(info.get("generation", -1))
+            if child is not None:
+                child.observe(pause)

@@ -170,6 +170,7 @@ class MqttSource:
             self._reading = True
             if self._loop is not None and self._sock is not None:
                 self._loop.add_reader(self._sock, self._readable)
+                self._loop.call_soon(self._readable)  # TLS may hold what the socket won't signal
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         """Publish at QoS 1 on the live connection; False when there is none (not queued)."""
@@ -427,8 +428,11 @@ class MqttSource:
         """Read the complete packets the socket holds (one paho read is one packet), for
         ``_READ_BUDGET`` at most: what is left signals the loop again after its other work."""
         client = self._client
-        if client is None:
+        if client is None or not self._reading:  # a call_soon that came after pause()
             return
+        # One loop_read is one packet, or more while our own QoS 1 publishes (alert events)
+        # await their PUBACKs (paho reads as many as are in flight): the budget is checked
+        # between calls, so a storm of alert events can overrun it by that many packets.
         deadline = time.monotonic() + _READ_BUDGET
         for _ in range(_READS_PER_WAKEUP):
             before = self._received
