@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ingestd import spool as spool_module
 from ingestd.config import SpoolSection
 from ingestd.deadletters import DeadLetter, DeadLetters
 from ingestd.health import Health
@@ -158,6 +159,24 @@ def test_receipt_times_of_possibly_unacked_messages_survive_a_restart(tmp_path: 
 
     asyncio.run(write())
     assert asyncio.run(reopen()) == 123456789
+
+
+def test_the_newest_receipts_are_always_remembered_and_the_newest_time_wins(
+    tmp_path: Path,
+) -> None:
+    """At least the newest _RECEIPTS_KEPT message keys keep their receipt time, however many
+    came before; a key received again gets its newest time."""
+    spool = make_spool(tmp_path)
+    spool.open()
+    kept = spool_module._RECEIPTS_KEPT
+    total = 3 * kept + 123
+    for key in range(total):
+        spool.append([], None, key=key, received_ns=key * 10)
+    spool.append([], None, key=total - 5, received_ns=1)  # received again, later
+    assert all(spool.receipt_of(key) == key * 10 for key in range(total - kept, total - 5))
+    assert spool.receipt_of(total - 5) == 1
+    assert spool.receipt_of(0) is None  # long gone: memory stays bounded
+    spool.close()
 
 
 def test_a_full_budget_stops_acks_until_the_drainer_releases(tmp_path: Path) -> None:
