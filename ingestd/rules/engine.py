@@ -194,6 +194,9 @@ class Engine:
         self._route_cache_size = route_cache_size
         self._start = now()
         self._states: dict[StateKey, _State] = {}
+        self._tags_of: tuple[Reading, dict[str, str]] | None = None
+        """The last reading whose tags a state copied, and the copy: the states one reading
+        makes (a device's deadman, rate and range rules) share one."""
         # States a transition touched: a superset of the essential ones (snapshot()).
         self._hot: set[StateKey] = set()
         self._ids: dict[str, StateKey] = {}
@@ -300,7 +303,7 @@ class Engine:
             field=field_name,
             measurement=reading.measurement,
             site=reading.tags.get("site", ""),
-            tags=dict(reading.tags),
+            tags=self._tags(reading),
             latched=[None] * n,
             measured=[None] * n,
         )
@@ -308,6 +311,13 @@ class Engine:
             state.samples = array("d")
         self._states[state.key] = state
         return state
+
+    def _tags(self, reading: Reading) -> dict[str, str]:
+        """A copy of ``reading``'s tags, the same for every state it makes or changes."""
+        last = self._tags_of
+        if last is None or last[0] is not reading:
+            last = self._tags_of = (reading, dict(reading.tags))
+        return last[1]
 
     def _heard(
         self, rule: Rule, reading: Reading, field_name: str, now: float, events: list[AlertEvent]
@@ -352,7 +362,7 @@ class Engine:
         state.last_value = value
         state.last_seen = now
         if state.tags != reading.tags:
-            state.tags = dict(reading.tags)
+            state.tags = self._tags(reading)
             state.site = reading.tags.get("site", "")
         at = reading.time_ns / 1e9
         for index, level in enumerate(rule.levels):
