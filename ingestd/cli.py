@@ -335,6 +335,14 @@ def _parser() -> argparse.ArgumentParser:
         help="drifts and dropouts: about one per device every 2 days (normal) or 5 h (high)",
     )
     simulate.add_argument("--seed", type=int, help="same seed, same devices and anomalies")
+    simulate.add_argument(
+        "--model-shift",
+        type=_finite,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the devices' model SECONDS ahead of the clock (negative: behind): their"
+        " anomalies and day as they are then (timestamps stay now)",
+    )
     simulate.add_argument("--json", action="store_true", help="print the final report as JSON")
     status = commands.add_parser(
         "status", parents=[common], help="a one-screen summary of a running ingestd"
@@ -651,6 +659,7 @@ def _simulate(args: argparse.Namespace) -> int:
             fields=sim.FIELDS,
             anomalies=args.anomalies,
             seed=sim.new_seed() if args.seed is None else args.seed,
+            shift=args.model_shift,
         )
         sim.check_run(args.rate, args.count, args.duration, args.processes)
     except ValueError as exc:

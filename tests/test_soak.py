@@ -6,12 +6,15 @@ alert transition that should notify was notified, RSS and fds stay flat, the spo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from daemon import REPO
+
+from ingestd.greenhouse import SLOT
 
 
 def test_a_short_soak_loses_nothing_and_stays_flat(tmp_path: Path) -> None:
@@ -37,3 +40,22 @@ def test_a_short_soak_loses_nothing_and_stays_flat(tmp_path: Path) -> None:
     assert len(result["chaos"]["broker_restarts"]) == 1
     assert result["spool"]["records_at_end"] == 0
     assert result["memory"]["samples"] >= 20
+
+
+def test_a_soak_started_just_after_an_anomaly_slot_began_still_has_alarming_devices() -> None:
+    """Anomalies come in 4-hour slots (08:00 UTC began one) and start some way into one: a
+    soak started at 08:10 found no seed with alarming devices and failed. The seed comes
+    with a shift of the simulated fleet's clock that has some."""
+    # soak/run.py by its path: "run" is bench/run.py in this session (tests/test_bench.py)
+    spec = importlib.util.spec_from_file_location("soak_run", REPO / "soak" / "run.py")
+    assert spec is not None and spec.loader is not None
+    soak = sys.modules["soak_run"] = importlib.util.module_from_spec(spec)  # for dataclasses
+    spec.loader.exec_module(soak)
+    alarming, choose_seed = soak.alarming, soak.choose_seed
+
+    slot_start = 1_795_939_200.0  # 2026-11-29T08:00:00Z
+    assert slot_start % SLOT == 0
+    start = slot_start + 10
+    seed, shift = choose_seed(300, start, 90.0)
+    assert shift < 0
+    assert alarming(300, seed, start + shift, 90.0) >= 4
