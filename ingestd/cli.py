@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -41,6 +41,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # argparse names the option and exits 2; these messages give the value and what is accepted.
 
 _INT_MAX = 2**31 - 1  # PostgreSQL integer columns
+_V = TypeVar("_V")
 
 
 def _duration(text: str) -> str:
@@ -52,61 +53,41 @@ def _duration(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 1 or more")
-    return value
+def _checked(
+    parse: Callable[[str], _V], accept: Callable[[_V], bool], expected: str
+) -> Callable[[str], _V]:
+    """An argparse type: ``parse`` the text, refused with ``expected`` unless ``accept``."""
+
+    def check(text: str) -> _V:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
+        return value
+
+    return check
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number such as -0.12 or 1.5")
-    return value
-
-
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value == 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a number other than 0 (which would erase every value) such"
-            " as 1.01; 1 leaves values unchanged"
-        )
-    return value
-
-
-def _quota_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected messages per second, a number above 0 such as 0.5 or 10"
-        )
-    return value
-
-
-def _quota_burst(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= _INT_MAX:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a whole number of messages from 1 to {_INT_MAX}"
-        )
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "expected a whole number, 1 or more")
+_finite = _checked(float, math.isfinite, "expected a number such as -0.12 or 1.5")
+_scale = _checked(
+    float,
+    lambda v: math.isfinite(v) and v != 0,
+    "expected a number other than 0 (which would erase every value) such as 1.01;"
+    " 1 leaves values unchanged",
+)
+_quota_rate = _checked(
+    float,
+    lambda v: math.isfinite(v) and v > 0,
+    "expected messages per second, a number above 0 such as 0.5 or 10",
+)
+_quota_burst = _checked(
+    int,
+    lambda v: 1 <= v <= _INT_MAX,
+    f"expected a whole number of messages from 1 to {_INT_MAX}",
+)
 
 
 def _instant(text: str) -> datetime:
