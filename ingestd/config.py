@@ -270,6 +270,13 @@ class GuardSection(Section):
     """Dead letters kept; the oldest go first."""
     sample_bytes: int = Field(default=1024, ge=16, le=65536)
     """Payload bytes kept with each dead letter."""
+    max_series_per_device: int = Field(default=200, ge=1)
+    """Distinct (measurement, field) pairs one device may write; a message taking it past
+    is a dead letter ``too_many_series``. A device's count is kept until it has been silent
+    for latest.ttl (to twice that), or ingestd restarts."""
+    max_tag_sets_per_device: int = Field(default=100, ge=1)
+    """Distinct tag sets (topic tags and line-protocol tags together) one device may write;
+    past it, ``too_many_series`` as above."""
 
 
 class InfluxSection(Section):

@@ -44,6 +44,7 @@ from ingestd.model import Reject
 from ingestd.notify import Notifier, Outbox, SqliteOutbox
 from ingestd.notify.outbox import FILENAME as OUTBOX_FILE
 from ingestd.notify.pg_outbox import PostgresOutbox
+from ingestd.series import SeriesGuard
 from ingestd.sink import Sink, build_sink
 from ingestd.source import Ack, MqttSource
 from ingestd.spool import Spool
@@ -104,6 +105,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Everything that can refuse the configuration first, before anything is opened.
         self._decoder = Decoder(settings.mqtt.subscriptions, settings.guard)
+        self._series = SeriesGuard(settings.guard, settings.latest.ttl, self.metrics)
         self.source = MqttSource(
             settings.mqtt,
             self._intake,
@@ -392,6 +394,7 @@ class Daemon:
             readings = self._decoder.decode(topic, payload, received)
             if self._registry is not None:
                 self._registry.admit(readings)  # unknown/disabled devices; calibration
+            self._series.admit(readings)  # too many series for one device
             lines = [format_reading(r) for r in readings]
         except Reject as exc:
             # Without its traceback: kept, it would hold this frame and the callers' (the
@@ -503,10 +506,11 @@ class Daemon:
             self.source.resume()
 
     async def _sweep(self) -> None:
-        """Expire idle quota state."""
+        """Expire idle quota state and the series of silent devices."""
         while True:
             await asyncio.sleep(5)
             self.throttle.sweep()
+            self._series.sweep()
 
     async def _drain(self, sink: Sink) -> None:
         influx = self.settings.influx

@@ -69,6 +69,7 @@ __all__ = [
     "TIME_FUTURE",
     "TIME_TOO_OLD",
     "TOO_LARGE",
+    "TOO_MANY_SERIES",
     "TOPIC_UNMATCHED",
     "Decoder",
 ]
@@ -102,6 +103,10 @@ VictoriaMetrics drops)."""
 NAME_TOO_LONG = "name_too_long"
 """A measurement, tag key, tag value or field key is longer than :data:`MAX_NAME_BYTES`."""
 
+TOO_MANY_SERIES = "too_many_series"
+"""The device would pass ``guard.max_series_per_device`` or ``max_tag_sets_per_device``
+(given by :class:`ingestd.series.SeriesGuard`, after decode and the registry)."""
+
 MAX_NAME_BYTES = 256
 """The longest name written (UTF-8 bytes): VictoriaMetrics silently truncates label names
 past 256 bytes and label values past 16 KiB, which would store a point under another name."""
@@ -120,8 +125,10 @@ REASONS = (
     MEASUREMENT_NOT_ALLOWED,
     TAG_NOT_ALLOWED,
     NAME_TOO_LONG,
+    TOO_MANY_SERIES,
 )
-"""Every reason :meth:`Decoder.decode` may give: the label set of the rejection metric."""
+"""Every reason the guard gives (:meth:`Decoder.decode`, and the series cap after it): the
+label set of the rejection metric, with the registry's and the drainer's."""
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # In a whole topic a level ends at "/": a backslash there ends a name too.

@@ -26,6 +26,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.series_devices = Gauge(
+            "ingestd_series_devices",
+            "Devices whose series the guard remembers (forgotten after latest.ttl of silence)",
+            registry=r,
+        )
+        self.series_capped = Gauge(
+            "ingestd_series_capped_devices",
+            "Devices at guard.max_series_per_device or max_tag_sets_per_device: their readings"
+            " with new series are dead letters too_many_series",
+            registry=r,
+        )
         self.readings = Counter(
             "ingestd_readings_spooled", "Readings written to the spool", registry=r
         )

@@ -91,7 +91,7 @@ def written(r: Reading) -> tuple[str, dict[str, str], dict[str, object], int | N
 
 
 def test_reasons_are_distinct_labels() -> None:
-    assert len(set(REASONS)) == len(REASONS) == 13
+    assert len(set(REASONS)) == len(REASONS) == 14
     assert all(r.isidentifier() and r.islower() for r in REASONS)
 
 
