@@ -796,11 +796,14 @@ class SpoolSection(Section):
 
 
 class RegistrySection(Section):
-    """The device registry (PostgreSQL): who may send, and their calibrations."""
+    """The device registry (PostgreSQL): who may send, from which site, and their
+    calibrations. A device the registry knows at a site may send only under that site (dead
+    letter ``site_mismatch``)."""
 
     unknown: Literal["accept", "reject", "register"] = "accept"
     """A device not in the registry: accept its readings, reject them (dead letter
-    ``unknown_device``), or register it (enabled) and accept them."""
+    ``unknown_device``), or register it (enabled, at the site of its first message) and
+    accept them."""
     cache: bool = True
     """Keep a copy in the spool dir, used when PostgreSQL is down at start."""
 

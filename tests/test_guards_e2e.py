@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 from daemon import REPO, DaemonProcess, daemon_config
 from services import Mosquitto, Redis, VictoriaMetrics, http_request
 from test_alerts_e2e import Watcher, wait_for
+from test_store_e2e import _cli
 
 from ingestd.latest import KEY_PREFIX
 
@@ -126,4 +128,79 @@ def test_a_device_inventing_series_is_capped_and_the_others_are_not(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        daemon.close()
+
+
+SITE_RULE = """
+rules:
+  - name: ph_high
+    select: {{measurement: reservoir, field: ph, tags: {{farm: "{farm}"}}}}
+    above: 7.0
+    clear: {{below: 6.8}}
+    severity: warning
+"""
+
+
+def test_a_device_cannot_claim_another_site_than_the_registry_knows(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    victoria_metrics: VictoriaMetrics,
+    pg_url: str,
+    unique: str,
+) -> None:
+    """The registry knows dev1 at gh1: its reading under gh2 is a dead letter site_mismatch,
+    stored nowhere and raising no alert under gh2. With registry.unknown register a new
+    device is recorded at the site of its first message, and held to it."""
+    prefix = f"g{unique}"
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "farm.yaml").write_text(SITE_RULE.format(farm=prefix))
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        prefix,
+        {"url": victoria_metrics.url},
+        postgres={"url": pg_url, "connect_timeout": "1s", "retry": "300ms"},
+        registry={"unknown": "register"},
+        rules={"dir": str(rules), "watch_interval": "200ms"},
+    )
+    daemon = DaemonProcess(tmp_path, config)
+    code, out = _cli(daemon.config_path, "devices", "add", "dev1", "--site", "gh1")
+    assert code == 0, out
+    daemon.start()
+    watcher = Watcher(mosquitto)
+    try:
+        watcher.publish(f"{prefix}/gh1/dev1/reservoir", orjson.dumps({"ph": 6.5}))
+        watcher.publish(f"{prefix}/gh2/dev1/reservoir", orjson.dumps({"ph": 9.0}))  # a lie
+        watcher.publish(f"{prefix}/gh1/roamer/reservoir", orjson.dumps({"ph": 6.6}))
+        wait_for(
+            lambda: daemon.metric("ingestd_registry_registered_total") == 1, "roamer registered"
+        )
+        watcher.publish(f"{prefix}/gh3/roamer/reservoir", orjson.dumps({"ph": 9.1}))  # a lie
+        watcher.publish(f"{prefix}/gh1/dev1/reservoir", orjson.dumps({"ph": 7.5}))  # true
+        wait_for(
+            lambda: daemon.metric('ingestd_messages_rejected_total{reason="site_mismatch"}') == 2,
+            "two dead letters site_mismatch",
+        )
+        wait_for(lambda: watcher.events("firing"), "the alert at the true site")
+        letters = _deadletters(daemon, "site_mismatch")
+        assert "'dev1' is at site 'gh1' in the registry, not 'gh2'" in letters
+        assert "'roamer' is at site 'gh1' in the registry, not 'gh3'" in letters
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT id, site_id, auto_registered FROM devices ORDER BY id")
+            assert rows.fetchall() == [("dev1", "gh1", False), ("roamer", "gh1", True)]
+        # stored only under the true site; the alert fired there and nowhere else
+        series = victoria_metrics.export_until(
+            f'reservoir_ph{{farm="{prefix}"}}', lambda s: sum(len(x["values"]) for x in s) == 3
+        )
+        assert {(s["metric"]["device"], s["metric"]["site"]) for s in series} == {
+            ("dev1", "gh1"),
+            ("roamer", "gh1"),
+        }
+        assert sorted(v for s in series for v in s["values"]) == [6.5, 6.6, 7.5]
+        assert [(e["device"], e["site"]) for e in watcher.events("firing")] == [("dev1", "gh1")]
+        assert not [m for m in watcher.messages if "/gh2/" in m[0] or "/gh3/" in m[0]]
+        assert daemon.terminate() == 0
+    finally:
+        watcher.close()
         daemon.close()

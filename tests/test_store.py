@@ -187,6 +187,68 @@ def test_register_policy_adds_unknown_devices(pg_url: str, tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
+def test_a_device_sends_only_under_the_site_the_registry_knows(pg_url: str, tmp_path: Path) -> None:
+    _sql(pg_url, "INSERT INTO sites (id) VALUES ('gh1'), ('gh2')")
+    _sql(pg_url, "INSERT INTO devices (id, site_id) VALUES ('esp-1', 'gh1'), ('free', NULL)")
+
+    def at(device: str, site: str | None) -> Reading:
+        tags = {} if site is None else {"site": site}
+        return Reading("water", device, tags, {"ph": 7.0}, int(T0 * 1e9))
+
+    async def scenario() -> None:
+        async with _running(_registry(pg_url, tmp_path, "reject")) as registry:
+            registry.admit([at("esp-1", "gh1")])
+            registry.admit([at("esp-1", None)])  # a topic without a site level claims none
+            with pytest.raises(Reject) as caught:
+                registry.admit([at("esp-1", "gh2")])
+            assert caught.value.reason == "site_mismatch"
+            assert "'esp-1' is at site 'gh1' in the registry, not 'gh2'" in caught.value.detail
+            # a line-protocol message: one reading under another site refuses the message
+            with pytest.raises(Reject, match="site_mismatch"):
+                registry.admit([at("esp-1", "gh1"), at("esp-1", "gh2")])
+            # a device without a site in the registry: its topic's word
+            registry.admit([at("free", "gh1")])
+            registry.admit([at("free", "gh2")])
+            # moved by another connection: applies within a second
+            _sql(pg_url, "UPDATE devices SET site_id = 'gh2' WHERE id = 'esp-1'")
+            await _until(lambda: registry.get("esp-1").site == "gh2", "the move")  # type: ignore[union-attr]
+            registry.admit([at("esp-1", "gh2")])
+            with pytest.raises(Reject, match="site_mismatch"):
+                registry.admit([at("esp-1", "gh1")])
+
+    asyncio.run(scenario())
+
+
+def test_register_policy_records_the_first_site_seen(pg_url: str, tmp_path: Path) -> None:
+    def at(device: str, site: str | None) -> Reading:
+        tags = {} if site is None else {"site": site}
+        return Reading("water", device, tags, {"ph": 7.0}, int(T0 * 1e9))
+
+    async def scenario() -> None:
+        async with _running(_registry(pg_url, tmp_path, "register")) as registry:
+            registry.admit([at("new-1", "gh1")])
+            with pytest.raises(Reject) as caught:  # at once, before it is written
+                registry.admit([at("new-1", "gh9")])
+            assert caught.value.reason == "site_mismatch"
+            assert "is at site 'gh1' in the registry, not 'gh9'" in caught.value.detail
+            registry.admit([at("new-2", None)])  # no site level: registered without one
+            with pytest.raises(Reject) as caught:  # one message, two sites
+                registry.admit([at("new-3", "gh3"), at("new-3", "gh4")])
+            assert "is being registered at site 'gh3' in the registry, not 'gh4'" in str(
+                caught.value
+            )
+            rows = lambda: _sql(pg_url, "SELECT id, site_id FROM devices ORDER BY id")  # noqa: E731
+            await _until(lambda: len(rows()) == 2, "the registrations")
+            assert rows() == [("new-1", "gh1"), ("new-2", None)]
+            assert _sql(pg_url, "SELECT id FROM sites") == [("gh1",)]
+            await _until(lambda: registry.get("new-1").site == "gh1", "the reload")  # type: ignore[union-attr]
+            with pytest.raises(Reject, match="site_mismatch"):  # and after the reload
+                registry.admit([at("new-1", "gh9")])
+            registry.admit([at("new-2", "gh5")])
+
+    asyncio.run(scenario())
+
+
 def test_registry_copy_serves_while_postgres_is_down(
     services: Any, tmp_path: Path, unique: str
 ) -> None:

@@ -135,6 +135,7 @@ def test_statement_uses_an_index(volume: str, name: str, sql: str, params: dict[
     touches_rows = name not in {
         "site_add",
         "registry_register",
+        "registry_register_sites",
         "device_add",
         "calibration_add",
         "history_upsert",

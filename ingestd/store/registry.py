@@ -6,8 +6,12 @@ Loaded in one query when PostgreSQL answers and kept current by ``LISTEN ingestd
 in ``<spool dir>/registry.json``: a daemon starting while PostgreSQL is down uses it.
 
 Unknown devices follow ``registry.unknown``: ``accept``; ``reject`` (a dead letter
-``unknown_device``); ``register`` (accepted, and added to ``devices`` in the background).
-A disabled device's messages are dead letters ``device_disabled``. Until the registry has
+``unknown_device``); ``register`` (accepted, and added to ``devices`` in the background
+with the site of its first message). A disabled device's messages are dead letters
+``device_disabled``. A device whose site the registry knows may send only under that site:
+a reading tagged with another ``site`` (a topic level, or a line-protocol tag) is a dead
+letter ``site_mismatch``; the site drives the alert topics, rule selection and routes, and
+the broker's ACL (``farm/+/%u/#``) leaves that level free. Until the registry has
 been loaded once (PostgreSQL down at the first start, no copy yet), every device is accepted:
 losing readings to a missing registry would be worse than accepting a stranger's.
 
@@ -41,6 +45,7 @@ __all__ = [
     "CHANNEL",
     "DEVICE_DISABLED",
     "QUERIES",
+    "SITE_MISMATCH",
     "UNKNOWN_DEVICE",
     "Calibration",
     "Device",
@@ -52,6 +57,7 @@ log = get_logger("registry")
 CHANNEL = "ingestd_registry"
 UNKNOWN_DEVICE = "unknown_device"
 DEVICE_DISABLED = "device_disabled"
+SITE_MISMATCH = "site_mismatch"
 CACHE_FILE = "registry.json"
 _MAX_REGISTER = 10_000  # new devices waiting to be registered, at most
 
@@ -71,15 +77,22 @@ QUERIES: dict[str, str] = {
     # Reads every device by design (once at start and after a reconnect).
     "registry_load": _DEVICE_SELECT,
     "registry_reload": _DEVICE_SELECT + " WHERE d.id = ANY(%(ids)s)",
+    # The sites first: a device's site_id references sites.
+    "registry_register_sites": (
+        "INSERT INTO sites (id) SELECT DISTINCT s FROM unnest(%(sites)s::text[]) AS s"
+        " WHERE s IS NOT NULL ON CONFLICT (id) DO NOTHING"
+    ),
     "registry_register": (
-        "INSERT INTO devices (id, auto_registered) SELECT unnest(%(ids)s::text[]), true"
+        "INSERT INTO devices (id, site_id, auto_registered)"
+        " SELECT d.id, d.site, true FROM unnest(%(ids)s::text[], %(sites)s::text[]) AS d(id, site)"
         " ON CONFLICT (id) DO NOTHING"
     ),
 }
 EXAMPLE_PARAMS: dict[str, dict[str, Any]] = {
     "registry_load": {},
     "registry_reload": {"ids": ["dev-00042"]},
-    "registry_register": {"ids": ["dev-new"]},
+    "registry_register_sites": {"sites": ["gh1", None]},
+    "registry_register": {"ids": ["dev-new", "dev-new2"], "sites": ["gh1", None]},
 }
 
 
@@ -178,13 +191,15 @@ class Registry:
         """Whether the devices come from PostgreSQL or its copy (else every device passes)."""
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._policy = section.unknown
-        self._register: dict[str, None] = {}
+        self._register: dict[str, str | None] = {}
+        """Devices to register: their first site (None: their topic names none)."""
         self.schema_error: str | None = None
 
     # --- the hot path -----------------------------------------------------------------
 
     def admit(self, readings: Sequence[Reading]) -> None:
-        """Refuse a message of an unknown or disabled device (Reject), calibrate the rest."""
+        """Refuse a message of an unknown or disabled device, or under another site than
+        its own (Reject), calibrate the rest."""
         if not readings:
             return
         name = readings[0].device
@@ -199,8 +214,11 @@ class Registry:
                     f" add it with: ingestd devices add {name}",
                 )
             if len(self._register) < _MAX_REGISTER:  # else: accepted, registered later
-                self._devices[name] = Device(name)  # accepted from now on
-                self._register[name] = None
+                site = next((r.tags["site"] for r in readings if "site" in r.tags), None)
+                if site is not None:
+                    _check_site(name, site, readings, "is being registered at site")
+                self._devices[name] = Device(name, site=site)  # accepted from now on
+                self._register[name] = site
             return
         if not device.enabled:
             raise Reject(
@@ -208,6 +226,8 @@ class Registry:
                 f"device {name!r} is disabled in the registry; enable it with:"
                 f" ingestd devices enable {name}",
             )
+        if device.site is not None:
+            _check_site(name, device.site, readings, "is at site")
         if device.calibrations:
             for reading in readings:
                 _calibrate(device, reading)
@@ -284,9 +304,9 @@ class Registry:
         fresh = await asyncio.to_thread(_devices_of, rows)  # 100k devices: seconds of CPU
         old, self._devices = self._devices, fresh
         self.loaded = True
-        # Devices registered here but not yet written stay accepted.
-        for name in self._register:
-            self._devices.setdefault(name, Device(name))
+        # Devices registered here but not yet written stay accepted (under their site).
+        for name, site in self._register.items():
+            self._devices.setdefault(name, Device(name, site=site))
         self._changed(old, fresh, set(old) | set(fresh))
         self._metrics.registry_devices.set(len(fresh))
         log.info("device registry loaded", devices=len(fresh))
@@ -401,7 +421,10 @@ class Registry:
 
     async def _register_new(self, conn: psycopg.AsyncConnection[Any]) -> None:
         names = list(self._register)
-        await conn.execute(QUERIES["registry_register"], {"ids": names})
+        sites = [self._register[name] for name in names]
+        async with conn.transaction():
+            await conn.execute(QUERIES["registry_register_sites"], {"sites": sites})
+            await conn.execute(QUERIES["registry_register"], {"ids": names, "sites": sites})
         for name in names:
             self._register.pop(name, None)
         self._metrics.registry_registered.inc(len(names))
@@ -410,6 +433,19 @@ class Registry:
 
 def _devices_of(rows: Sequence[Sequence[Any]]) -> dict[str, Device]:
     return {device.id: device for device in map(Device.of, rows)}
+
+
+def _check_site(name: str, site: str, readings: Sequence[Reading], where: str) -> None:
+    """Every reading tagged with a site is tagged with ``site``."""
+    for reading in readings:
+        claimed = reading.tags.get("site")
+        if claimed is not None and claimed != site:
+            raise Reject(
+                SITE_MISMATCH,
+                f"device {name!r} {where} {site!r} in the registry, not {claimed[:64]!r};"
+                f" if it moved, change its site there (ingestd devices add {name}"
+                " --site SITE, with its other settings)",
+            )
 
 
 def _calibrate(device: Device, reading: Reading) -> None:
