@@ -14,7 +14,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import redis.asyncio as aioredis
@@ -50,6 +50,9 @@ class _Throttled:
     dropped_since_notice: int = 0
     last_notice: float = float("-inf")
     last_drop: float = 0.0
+    labels: set[tuple[str, str]] = field(default_factory=set)
+    """Every (rule, limit) of ``ingestd_quota_dropped`` this device has samples under: all
+    of them go with the device (a device can be dropped under several rules and limits)."""
 
 
 class Throttle:
@@ -147,13 +150,14 @@ class Throttle:
             if len(self._throttled) > _TRACKED_DEVICES:
                 # The metric forgets the device with the table: /metrics stays bounded.
                 gone, old = self._throttled.popitem(last=False)
-                for name in VERDICT_NAMES[1:]:
+                for old_rule, old_limit in old.labels:
                     with contextlib.suppress(KeyError):
-                        self._metrics.quota_dropped.remove(old.rule, gone, name)
+                        self._metrics.quota_dropped.remove(old_rule, gone, old_limit)
         else:
             self._throttled.move_to_end(device)
         now = self._clock()
         entry.rule, entry.limit = rule_name, limit
+        entry.labels.add((rule_name, limit))
         entry.dropped += 1
         entry.dropped_since_notice += 1
         entry.last_drop = now

@@ -475,6 +475,39 @@ def test_throttle_drops_and_notices_under_the_registry_rule() -> None:
     assert throttle.match("farm/gh1/esp-n/reservoir", 10, "esp-n") is None
 
 
+def test_a_device_leaving_the_throttled_table_takes_all_its_metric_labels() -> None:
+    """Dropped under two rules and two limits, then pushed out of the table by 10,000 other
+    throttled devices: none of its ingestd_quota_dropped samples stays in /metrics."""
+    metrics = Metrics()
+    quotas = section(
+        rule("ph", "farm/+/{device}/ph", rate=1, burst=1),
+        rule("all", "farm/+/{device}/#", bytes_per_second=10, bytes_burst=10),
+    )
+    throttle = Throttle(quotas, metrics, Health(), lambda _t, _p: True)
+
+    def drop(topic: str, device: str) -> None:
+        item = throttle.match(topic, 10, device)
+        assert item is not None
+        assert [throttle.allow(item) for _ in range(2)] == [True, False]
+
+    drop("farm/gh1/esp-0/ph", "esp-0")  # ph, rate
+    drop("farm/gh1/esp-0/ec", "esp-0")  # all, bytes_per_second
+
+    def samples(device: str) -> set[tuple[str, str]]:
+        return {
+            (sample.labels["rule"], sample.labels["limit"])
+            for metric in metrics.quota_dropped.collect()
+            for sample in metric.samples
+            if sample.labels.get("device") == device and sample.name.endswith("_total")
+        }
+
+    assert samples("esp-0") == {("ph", "rate"), ("all", "bytes_per_second")}
+    for n in range(1, 10_001):
+        drop(f"farm/gh1/esp-{n}/ph", f"esp-{n}")
+    assert samples("esp-0") == set()
+    assert samples("esp-1") == {("ph", "rate")}
+
+
 def test_rules_count_separately_and_exempt_rules_keep_no_state() -> None:
     clock = Clock()
     limits = limiter(
