@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -112,17 +112,54 @@ Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 """Seconds; written ``500ms``, ``30s``, ``5m``, ``1h30m``, ``2d`` or a number."""
 
 
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred|sig", re.IGNORECASE)
+"""A query parameter or conninfo keyword holding a secret: libpq's ``password`` and
+``sslpassword``, ``token``, ``api_key``, ``secret``, ``auth``, ``signature``..."""
+_QUERY_PAIR = re.compile(r"([^&;=]*)=([^&;]*)")
+_CONNINFO_PAIR = re.compile(r"""([A-Za-z_]+)(\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']*)""")
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``: safe for logs and ``check --show``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo = f"{parts.username or ''}:***"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with every secret in it replaced by ``***``: the password of its userinfo,
+    the values of query parameters naming a secret (libpq's ``?password=`` and
+    ``sslpassword=``, ``token=``, ...), and of ``password=...`` where the value is libpq
+    key/value text rather than a URL. Safe for logs, errors and ``check --show``, also for
+    a URL too malformed to use (it may then mask more than the secret)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL (a typo, or libpq's key/value text): "x:y@" and "password=" go
+        at = url.rfind("@")
+        start = url.rfind("/", 0, at) + 1
+        colon = url.find(":", start, at)
+        if at >= 0 and colon >= 0:
+            url = url[: colon + 1] + "***" + url[at:]
+        return _mask_pairs(url)
+    # The userinfo ends at the last "@" (a password may hold "@", "/" or "?" unescaped).
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, at)
+    if at >= 0 and colon >= 0:
+        rest = rest[: colon + 1] + "***" + rest[at:]
+        at = colon + 4
+    userinfo, (path, query_sep, query) = rest[: at + 1], rest[at + 1 :].partition("?")
+    if not query_sep:
+        return f"{scheme}://{rest}"
+    query, hash_, fragment = query.partition("#")
+    query = _QUERY_PAIR.sub(_mask_query_pair, query)
+    return f"{scheme}://{userinfo}{path}?{query}{hash_}{fragment}"
+
+
+def _mask_query_pair(pair: re.Match[str]) -> str:
+    key = pair.group(1)
+    return f"{key}=***" if _SECRET_KEY.search(unquote(key)) else pair.group(0)
+
+
+def _mask_pairs(text: str) -> str:
+    """``password=x`` in libpq's key/value form (``host=db password='x y'``)."""
+
+    def one(pair: re.Match[str]) -> str:
+        key, equals, _ = pair.groups()
+        return f"{key}{equals}***" if _SECRET_KEY.search(key) else pair.group(0)
+
+    return _CONNINFO_PAIR.sub(one, text)
 
 
 def _check_url(url: str, schemes: tuple[str, ...]) -> str:
@@ -1188,14 +1225,35 @@ def _accepted(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
     return message.removeprefix("Value error, ")
 
 
+_SECRET_KEYS = frozenset({"password", "token", "token_sha256", "channels"})
+"""Keys whose values are never shown in an error: passwords, tokens, a token's hash (an
+invalid one is often the token itself) and notification channels (Apprise URLs)."""
+_TEXT_USERINFO = re.compile(r"""([A-Za-z][\w+.-]*://[^\s'"/@:]*:)[^\s'"]*@""")
+_TEXT_PAIR = re.compile(
+    r"""((?:pass|pwd|secret|token|key|auth|cred|sig)[\w%-]*\s*=\s*)('[^']*'?|[^\s&;'",]*)""",
+    re.IGNORECASE,
+)
+
+
+def _shown(loc: tuple[str | int, ...], bad: Any) -> str:
+    """A bad value as an error may show it: secrets masked, wherever it came from."""
+    if isinstance(bad, _Unreadable):  # says why, never what
+        return repr(bad)
+    if any(str(part) in _SECRET_KEYS for part in loc):
+        return "***"
+    if isinstance(bad, dict):
+        return "a mapping"
+    text = repr(mask_url(bad)) if isinstance(bad, str) else repr(bad)
+    # Lists and odd shapes: any URL userinfo or secret-named pair in their text.
+    return _TEXT_PAIR.sub(r"\1***", _TEXT_USERINFO.sub(r"\1***@", text))
+
+
 def _format_errors(exc: ValidationError, origins: _Origins, environ: Mapping[str, str]) -> str:
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         key = key_path(loc)
-        bad = error.get("input")
-        secret = any(str(p) in {"password", "token"} for p in loc)
-        shown = "***" if secret else repr(bad) if not isinstance(bad, dict) else "a mapping"
+        shown = _shown(loc, error.get("input"))
         value = "" if error["type"] in {"extra_forbidden", "missing"} else f" = {shown}"
         problems.append(f"{origins.describe(loc, environ)}: {key}{value}: {_accepted(error, loc)}")
     count = len(problems)

@@ -122,7 +122,7 @@ def _setup_v2(section: InfluxSection, retention: float) -> Outcome:
     bucket, org = section.bucket, section.org
     name = f"bucket {bucket!r} of org {org!r}"
     every, keep = round(retention), _age(retention)
-    host, keep_flag = shlex.quote(section.url), f"--retention {_influx_age(every)}"
+    host, keep_flag = shlex.quote(mask_url(section.url)), f"--retention {_influx_age(every)}"
     target = f"--org {shlex.quote(org)} --name {shlex.quote(bucket)}"
     create = f"influx bucket create --host {host} {target} {keep_flag}"
     token = section.token.get_secret_value() if section.token else None

@@ -7,8 +7,10 @@ endpoint returns within about ``call_timeout``. Apprise is given no deadline of 
 abandon it there, where a hung endpoint could fill that pool for every channel.
 
 URLs hold tokens: a channel is only ever shown as ``scheme://host`` (from Apprise's own
-privacy URL, which masks a token even where it is the host, as in ``tgram://``), and
-error texts are scrubbed of every part of the URL that the privacy URL hides.
+privacy URL, which masks a token even where it is the host, as in ``tgram://``), and error
+texts are scrubbed of every other part of the URL (user, password, path, query values:
+Apprise's privacy URL shows some tokens, such as an ntfy topic or a webhook's path). A
+config-file channel is scrubbed of every URL the file holds, as loaded for each call.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from ingestd.config import NotifyChannel, NotifySection, apprise_quiet
 from ingestd.errors import ConfigError
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "SendResult", "open_channels", "silence_apprise"]
 
 _TOKEN_SPLIT = re.compile(r"[/:@?&=#,+;]+")
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred|sig", re.IGNORECASE)
 
 
 @functools.cache
@@ -95,13 +98,13 @@ class Channel:
             return f"{self._url.partition('://')[0]}://?"
         private = str(plugin.url(privacy=True))
         parts = urlsplit(private)
-        visible = set(_TOKEN_SPLIT.split(private))
-        words = _TOKEN_SPLIT.split(self._url.partition("://")[2])
-        # Longest first, so a token is replaced before a shorter token inside it.
-        self._secrets = tuple(
-            sorted({w for w in words if len(w) >= 3 and w not in visible}, key=len, reverse=True)
-        )
+        self._learn(_secret_words(self._url, private))
         return f"{parts.scheme}://{parts.hostname or ''}"
+
+    def _learn(self, words: set[str]) -> None:
+        if not words.issubset(self._secrets):
+            # Longest first, so a token is replaced before a shorter token inside it.
+            self._secrets = tuple(sorted(words.union(self._secrets), key=len, reverse=True))
 
     def check(self) -> None:
         """Raise ConfigError when a config-file channel yields no URL to send to."""
@@ -132,9 +135,14 @@ class Channel:
         return notifier
 
     def _services(self, notifier: apprise.Apprise) -> list[apprise.NotifyBase]:
-        if self._tag:
-            return list(notifier.find(self._tag))
-        return list(notifier)
+        services = list(notifier.find(self._tag)) if self._tag else list(notifier)
+        if self._config is not None:  # the file's URLs, as they are now: scrub them all
+            words: set[str] = set()
+            plugins: list[Any] = services  # Apprise's url() is untyped
+            for plugin in plugins:
+                words |= _secret_words(str(plugin.url()), str(plugin.url(privacy=True)))
+            self._learn(words)
+        return services
 
     def send(self, message: Message) -> SendResult:
         """One call, retries off, socket timeouts at most ``call_timeout``. Blocking: run
@@ -167,3 +175,24 @@ class Channel:
         except Exception as exc:  # a plugin bug costs one attempt, not a worker thread
             error = f"{type(exc).__name__}: {exc}"
         return SendResult(False, self.redact(error)[:500], time.monotonic() - started)
+
+
+def _secret_words(url: str, private: str) -> set[str]:
+    """The words of ``url`` an error text must not repeat: all but its scheme, host and port
+    (as ``private``, Apprise's privacy URL of it, shows them) and its query, of which only
+    the values Apprise masks or whose keys name a secret (token, password, key, ...)."""
+    rest = url.partition("://")[2]
+    words = _TOKEN_SPLIT.split(rest)
+    try:
+        shown = urlsplit(private)
+        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        visible = {shown.scheme, shown.hostname or "", str(shown.port or "")}
+    except ValueError:  # an odd URL: every word of it is a secret
+        return {word for word in words if len(word) >= 3}
+    if query:
+        masked = dict(parse_qsl(shown.query, keep_blank_values=True))
+        words = _TOKEN_SPLIT.split(rest.partition("?")[0])
+        for key, value in query:
+            if masked.get(key) != value or _SECRET_KEY.search(key):
+                words += _TOKEN_SPLIT.split(value)
+    return {word for word in words if len(word) >= 3 and word not in visible}
