@@ -8,17 +8,17 @@ has written; a message that would take either past ``guard.max_series_per_device
 ``guard.max_tag_sets_per_device`` is refused whole (``Reject`` with reason
 ``too_many_series``: a dead letter, counted). Other devices are not affected.
 
-The hot path, :meth:`SeriesGuard.admit`, costs a dict lookup per message and a set lookup
-per reading for a shape (measurement, tags, field names) the device has sent before; only a
-new shape counts its pairs and tag set.
+The hot path, :meth:`SeriesGuard.admit`, is one set lookup per reading whose shape (device,
+measurement, tags, field names) was seen lately; only a new shape counts its pairs and tag
+set against its device.
 
 Memory: a device silent for ``expiry`` to twice that is forgotten, and its count starts
 afresh (the daemon gives ``latest.ttl``: by then its latest values have expired too, so
-``/latest`` never holds more than the cap). Devices live in two generations swapped every
-``expiry`` (a device seen in the older one moves to the newer): nothing is timed per message.
-What is remembered is bounded in all (``max_devices``, about 450 bytes each, and
-``max_entries`` series, tag sets and shapes, 8 to 60 bytes each): past either, the older
-generation is forgotten early, and said so.
+``/latest`` never holds more than the cap). Devices and shapes live in two generations
+swapped every ``expiry`` (what is seen in the older one moves to the newer), so nothing is
+timed per message. What is remembered is bounded in all (``max_devices``, about 250 bytes
+each, and ``max_entries`` series, tag sets and shapes, 8 to 60 bytes each): past either,
+the older generation is forgotten early, and said so.
 """
 
 from __future__ import annotations
@@ -39,41 +39,38 @@ __all__ = ["SeriesGuard"]
 log = get_logger("guard")
 
 MAX_DEVICES = 100_000
-"""Devices remembered at most (about 45 MiB): more than a gateway's fleet."""
+"""Devices remembered at most (about 25 MiB): more than a gateway's fleet."""
 MAX_ENTRIES = 1_000_000
 """Series, tag sets and shapes remembered in all, at most (8 to 60 MiB)."""
 
 
-class _Device:
-    """What one device has written, as 64-bit hashes (a collision costs one uncounted
-    series): the shapes it sent, looked up per message; its (measurement, field) pairs and
-    tag sets, sorted in an array (8 bytes each), read only for a new shape.
+def _shape(reading: Reading) -> int:
+    """Device, measurement, tag keys and values, field names: equal for a repeated message.
+    A 64-bit hash: a collision costs one uncounted series."""
+    tags = reading.tags
+    return hash(
+        (reading.device, reading.measurement, len(tags), *tags, *tags.values(), *reading.fields)
+    )
 
-    Measured: 490 bytes for a device sending one 7-field reading (1,140 in sets alone)."""
+
+class _Device:
+    """What one device has written: hashes of its (measurement, field) pairs and tag sets,
+    sorted in an array (8 bytes each), read only for a new shape; and how many of its
+    shapes are remembered."""
 
     __slots__ = ("capped", "known", "pairs", "shapes", "tag_sets")
 
     def __init__(self) -> None:
-        self.shapes: set[int] = set()
         self.known = array("q")
         self.pairs = 0
         self.tag_sets = 0
+        self.shapes = 0
         self.capped = False
 
     def knows(self, key: int) -> bool:
         known = self.known
         at = bisect_left(known, key)
         return at < len(known) and known[at] == key
-
-    @property
-    def size(self) -> int:
-        return len(self.shapes) + len(self.known)
-
-
-def _shape(reading: Reading) -> int:
-    """Measurement, tag keys and values, field names: equal for a repeated message."""
-    tags = reading.tags
-    return hash((reading.measurement, len(tags), *tags, *tags.values(), *reading.fields))
 
 
 def _clip(name: str) -> str:
@@ -101,9 +98,11 @@ class SeriesGuard:
         self._clock = clock
         self._max_devices = max_devices
         self._max_entries = max_entries
+        self._shapes: set[int] = set()
+        self._old_shapes: set[int] = set()
         self._current: dict[str, _Device] = {}
         self._previous: dict[str, _Device] = {}
-        self._entries = 0
+        self._known = 0  # entries in the devices' arrays
         self._capped = 0
         self._swapped = clock()
 
@@ -115,7 +114,7 @@ class SeriesGuard:
     @property
     def entries(self) -> int:
         """Series, tag sets and shapes remembered now, of every device."""
-        return self._entries
+        return self._known + len(self._shapes) + len(self._old_shapes)
 
     @property
     def capped(self) -> int:
@@ -127,21 +126,48 @@ class SeriesGuard:
     def admit(self, readings: Sequence[Reading]) -> None:
         """Refuse (Reject ``too_many_series``) a message that would take its device past a
         cap; nothing of a refused message counts. A message's readings share one device."""
-        if not readings:
-            return
+        shapes = self._shapes
+        for reading in readings:
+            tags = reading.tags  # _shape(), inlined: this runs for every reading
+            key = (
+                reading.device,
+                reading.measurement,
+                len(tags),
+                *tags,
+                *tags.values(),
+                *reading.fields,
+            )
+            if hash(key) not in shapes:
+                self._miss(readings)
+                return
+
+    def _miss(self, readings: Sequence[Reading]) -> None:
+        """A shape not seen in this generation: from the last one (remembered again, with
+        its device), or new (counted)."""
         name = readings[0].device
         device = self._current.get(name)
         if device is None:
             device = self._arrive(name)
-        shapes = device.shapes
-        for reading in readings:
-            tags = reading.tags  # _shape(), inlined: this runs for every message
-            if (
-                hash((reading.measurement, len(tags), *tags, *tags.values(), *reading.fields))
-                not in shapes
-            ):
-                self._learn(name, device, readings)
-                return
+        keys = [_shape(reading) for reading in readings]
+        shapes, old = self._shapes, self._old_shapes
+        if all(key in shapes or key in old for key in keys):
+            for key in keys:
+                if key in old:
+                    old.discard(key)
+                    shapes.add(key)
+            return
+        self._learn(name, device, readings)
+        for key in keys:
+            if device.shapes >= self._max_shapes:
+                break
+            if key not in shapes:
+                if key in old:
+                    old.discard(key)
+                else:
+                    device.shapes += 1
+                shapes.add(key)
+        if self.entries > self._max_entries:
+            self._overflow()
 
     def _arrive(self, name: str) -> _Device:
         device = self._previous.pop(name, None)
@@ -192,18 +218,10 @@ class SeriesGuard:
                 f" guard.max_tag_sets_per_device ({self._max_tag_sets}); the first new one:"
                 f" {_clip(shown)}",
             )
-        before = device.size
         for key in new:
             insort(device.known, key)
+        self._known += len(new)
         device.pairs, device.tag_sets = pairs, tag_sets
-        shapes = device.shapes
-        for reading in readings:
-            if len(shapes) >= self._max_shapes:
-                break
-            shapes.add(_shape(reading))
-        self._entries += device.size - before
-        if self._entries > self._max_entries:
-            self._overflow()
 
     def _refuse(self, name: str, device: _Device, detail: str) -> None:
         if not device.capped:
@@ -235,7 +253,8 @@ class SeriesGuard:
 
     def _swap(self) -> None:
         gone, self._previous, self._current = self._previous, self._current, {}
-        self._entries -= sum(device.size for device in gone.values())
+        self._old_shapes, self._shapes = self._shapes, set()
+        self._known -= sum(len(device.known) for device in gone.values())
         capped = sum(device.capped for device in gone.values())
         if capped:
             self._capped -= capped
@@ -244,7 +263,7 @@ class SeriesGuard:
     def _overflow(self) -> None:
         before = self.devices
         self._swap()
-        if self._entries > self._max_entries or self.devices >= self._max_devices:
+        if self.entries > self._max_entries or self.devices >= self._max_devices:
             self._swap()
         log.warning(
             "the series guard remembers too much: devices seen least recently are forgotten"
