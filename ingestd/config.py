@@ -1225,9 +1225,10 @@ def _accepted(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
     return message.removeprefix("Value error, ")
 
 
-_SECRET_KEYS = frozenset({"password", "token", "token_sha256", "channels"})
-"""Keys whose values are never shown in an error: passwords, tokens, a token's hash (an
-invalid one is often the token itself) and notification channels (Apprise URLs)."""
+_SECRET_KEYS = frozenset({"password", "token", "token_sha256"})
+"""Keys whose values are never shown in an error: passwords, tokens and a token's hash (an
+invalid one is often the token itself); nor is anything under notify.channels (Apprise
+URLs)."""
 _TEXT_USERINFO = re.compile(r"""([A-Za-z][\w+.-]*://[^\s'"/@:]*:)[^\s'"]*@""")
 _TEXT_PAIR = re.compile(
     r"""((?:pass|pwd|secret|token|key|auth|cred|sig)[\w%-]*\s*=\s*)('[^']*'?|[^\s&;'",]*)""",
@@ -1239,7 +1240,7 @@ def _shown(loc: tuple[str | int, ...], bad: Any) -> str:
     """A bad value as an error may show it: secrets masked, wherever it came from."""
     if isinstance(bad, _Unreadable):  # says why, never what
         return repr(bad)
-    if any(str(part) in _SECRET_KEYS for part in loc):
+    if loc[:2] == ("notify", "channels") or any(str(part) in _SECRET_KEYS for part in loc):
         return "***"
     if isinstance(bad, dict):
         return "a mapping"
