@@ -619,9 +619,11 @@ class Daemon:
         if self.throttle.batched:
             cost = 0
             if op == _APPEND:  # the decoded readings and the payload wait in the gate too
-                readings, payload = args[4], args[7]
+                held, readings, payload = args[1], args[4], args[7]
                 fields = sum(len(r.fields) for r in readings)
-                cost = len(payload) + _READING_BYTES * len(readings) + _FIELD_BYTES * fields
+                # The readings' names and values take about what their lines do.
+                cost = held[1] + len(payload) + _READING_BYTES * len(readings)
+                cost += _FIELD_BYTES * fields
                 self._held_bytes += cost
             self._gate.append((op, args, quota, cost))
             self._gate_ready.set()
