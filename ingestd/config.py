@@ -225,7 +225,8 @@ class MqttSection(Section):
     """Retained messages the broker replays at subscribe (the flag says so; a retained
     message published while subscribed arrives as a live one): ``once`` stores those whose
     readings carry the device's own timestamp (a replay writes the same point again) and
-    skips the rest; ``ignore`` skips them all. Never evaluated by the rules."""
+    skips the rest; ``ignore`` skips them all. Never seen by the rules, the latest values
+    or the quotas: an old value, re-sent by the broker."""
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     ca_file: Path | None = None
     cert_file: Path | None = None

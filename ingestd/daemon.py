@@ -445,7 +445,7 @@ class Daemon:
                     received,
                     readings=readings,
                     lines=lines,
-                    evaluate=True,
+                    live=True,
                 )
         if (
             self._held_bytes > self._max_bytes
@@ -463,13 +463,15 @@ class Daemon:
         *,
         readings: list[Reading],
         lines: list[bytes],
-        evaluate: bool,
+        live: bool,
     ) -> None:
-        """Readings to the quota check, then the spool (and the rules, when ``evaluate``)."""
+        """Readings to the quota check, the rules and the latest values, then the spool.
+        Not ``live`` (a retained replay): the spool only; it is an old value, re-sent by
+        the broker, not by the device."""
         held = self._hold(ack, sum(map(len, lines)) + _LINE_BYTES * len(lines))
-        args = (lines, held, key, received, readings, evaluate, topic, payload)
+        args = (lines, held, key, received, readings, live, topic, payload)
         try:
-            quota = self.throttle.match(topic, len(payload), readings[0].device)
+            quota = self.throttle.match(topic, len(payload), readings[0].device) if live else None
         except Exception as exc:
             self._failed(self._internal("quota", exc, topic), args)
             return
@@ -563,7 +565,7 @@ class Daemon:
                             received,
                             readings=readings,
                             lines=lines,
-                            evaluate=False,
+                            live=False,
                         )
                         return
         self.metrics.retained.labels(outcome).inc()
@@ -642,11 +644,11 @@ class Daemon:
 
     def _to_spool(self, op: int, args: tuple[Any, ...]) -> None:
         if op == _APPEND:
-            lines, held, key, received, readings, evaluate, topic, _ = args
+            lines, held, key, received, readings, live, topic, _ = args
             # The ack goes to the spool last: whatever fails before makes a dead letter.
             stage = "rules"
             try:
-                if evaluate:
+                if live:
                     self.alerts.evaluate(readings)
                     stage = "latest"
                     if self.latest is not None:
