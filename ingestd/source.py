@@ -397,7 +397,8 @@ class MqttSource:
     # --- acknowledgement ----------------------------------------------------------------
 
     def ack(self, acks: Sequence[Ack]) -> int:
-        """Send PUBACKs, in order; returns how many went to the current connection."""
+        """Send PUBACKs, in order; returns how many went to the current connection. One
+        that cannot be sent is raised after the others went out."""
         client = self._client
         if client is None:
             return 0

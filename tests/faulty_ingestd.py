@@ -3,7 +3,8 @@
     python tests/faulty_ingestd.py STAGE MARKER QUIET run --config FILE
 
 STAGE (quota, rules, latest, spool) raises RuntimeError for the messages of devices whose
-name holds MARKER: a bug no real server can be asked to produce. QUIET is the seconds
+name holds MARKER: a bug no real server can be asked to produce. STAGE ack makes the first
+PUBACK fail (MARKER unused). QUIET is the seconds
 without an internal error after which /healthz is healthy again (five minutes in
 production, too long to wait for in a test). The rest of the command line is ingestd's.
 """
@@ -14,6 +15,8 @@ import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import paho.mqtt.client as paho
 
 from ingestd import daemon, faults
 from ingestd.alerts import AlertStage
@@ -62,6 +65,18 @@ def inject(stage: str, marker: str) -> None:
             append(self, lines, *args)
 
         Spool.append = spool  # type: ignore[method-assign]
+    elif stage == "ack":
+        ack = paho.Client.ack
+        calls = 0
+
+        def first_fails(self: paho.Client, mid: int, qos: int) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError(f"injected fault in {stage} of message {mid}")
+            return ack(self, mid, qos)
+
+        paho.Client.ack = first_fails  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown stage {stage!r}")
 

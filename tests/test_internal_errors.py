@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 import pytest
+from conftest import ServiceFactory
 from daemon import DaemonProcess, daemon_config, seqs_in_victoria
 from paho.mqtt.enums import CallbackAPIVersion
 from services import Mosquitto, VictoriaMetrics
@@ -117,6 +118,45 @@ def test_an_internal_error_makes_a_dead_letter_that_is_acked_counted_and_degrade
         publish(mosquitto, [(f"{farm}/site1/esp32-00000/reservoir", b'{"seq": 4}')])
         daemon.wait(lambda: daemon.metric("ingestd_points_written_total") == 1, "the new one")
         assert daemon.metric("ingestd_messages_received_total") == 1
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+
+
+def test_a_puback_that_fails_holds_back_no_other_and_its_message_comes_back_once(
+    tmp_path: Path, services: ServiceFactory, victoria_metrics: VictoriaMetrics, unique: str
+) -> None:
+    """The first PUBACK raises: the acks after it still go out, the error is counted, and
+    the broker redelivers that one message at the next connection; it keeps its first
+    receipt time, so it overwrites itself, and is acknowledged then."""
+    broker = services.mosquitto()
+    farm = f"a{unique}"
+    config = daemon_config(tmp_path, broker.url, farm, {"url": victoria_metrics.url})
+    daemon = FaultyDaemon(tmp_path, config, "ack", "-")
+    daemon.start()
+    try:
+        topic = f"{farm}/site1/esp32-00000/reservoir"
+        publish(broker, [(topic, orjson.dumps({"seq": n})) for n in range(4)])
+        daemon.wait(lambda: daemon.metric("ingestd_points_written_total") == 4, "stored")
+        daemon.wait(
+            lambda: daemon.metric('ingestd_internal_errors_total{stage="acknowledgement"}') == 1,
+            "the failed acknowledgement counted",
+        )
+        assert daemon.metric("ingestd_messages_received_total") == 4
+
+        broker.restart()  # a new connection: the unacknowledged message comes back
+        daemon.wait(lambda: daemon.metric("ingestd_messages_received_total") == 5, "redelivered")
+        found = seqs_in_victoria(victoria_metrics, farm, 4)
+        assert found.keys() == {("esp32-00000", float(n)) for n in range(4)}
+        assert all(len(set(stamps)) == 1 for stamps in found.values()), found
+
+        # Acknowledged this time: another new connection brings nothing back before a
+        # message published after it.
+        broker.restart()
+        daemon.wait(lambda: daemon.metric("ingestd_mqtt_reconnects_total") == 2, "reconnected")
+        publish(broker, [(topic, b'{"seq": 4}')])
+        daemon.wait(lambda: daemon.metric("ingestd_points_written_total") >= 6, "the new one")
+        assert daemon.metric("ingestd_messages_received_total") == 6
         assert daemon.terminate() == 0
     finally:
         daemon.close()
