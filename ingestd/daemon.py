@@ -492,9 +492,11 @@ class Daemon:
         self._held_bytes += cost
         return ack, cost
 
-    def _internal(self, stage: str, exc: Exception, topic: str) -> Reject:
+    def _internal(
+        self, stage: str, exc: Exception, topic: str, what: str = "the message is a dead letter"
+    ) -> Reject:
         """An internal error: logged with an error id, counted; the message's dead letter."""
-        error_id = self._errors.record(stage, exc, "the message is a dead letter", topic=topic)
+        error_id = self._errors.record(stage, exc, what, topic=topic)
         return Reject(
             "internal_error", f"error {error_id} in {stage}: {type(exc).__name__}: {exc}"[:500]
         )
@@ -685,7 +687,13 @@ class Daemon:
             self._gate[:0] = batch  # back in front, in order, for the final pass
             raise
         except Exception as exc:  # one error id for the batch: its messages are dead letters
-            failure = self._internal("quota", exc, f"{len(items)} messages in one quota check")
+            topic = next(args[6] for _, args, quota, _ in batch if quota is not None)
+            failure = self._internal(
+                "quota",
+                exc,
+                topic,
+                f"the {len(items)} messages of this quota check are dead letters",
+            )
             verdicts = iter(())
         for op, args, quota, cost in batch:
             self._held_bytes -= cost
