@@ -2,11 +2,12 @@
 
     python tests/faulty_ingestd.py STAGE MARKER QUIET run --config FILE
 
-STAGE (quota, rules, latest, spool) raises RuntimeError for the messages of devices whose
-name holds MARKER: a bug no real server can be asked to produce. STAGE ack makes the first
-PUBACK fail (MARKER unused). QUIET is the seconds
-without an internal error after which /healthz is healthy again (five minutes in
-production, too long to wait for in a test). The rest of the command line is ingestd's.
+STAGE (quota, gate, rules, latest, spool) raises RuntimeError for the messages of devices
+whose name holds MARKER (gate: the Redis quota check of a batch holding one): a bug no real
+server can be asked to produce. STAGE ack makes the first PUBACK fail (MARKER unused).
+QUIET is the seconds without an internal error after which /healthz is healthy again (five
+minutes in production, too long to wait for in a test). The rest of the command line is
+ingestd's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def inject(stage: str, marker: str) -> None:
             return match(self, topic, nbytes, device)
 
         Throttle.match = quota  # type: ignore[method-assign]
+    elif stage == "gate":
+        allow_batch = Throttle.allow_batch
+
+        async def gate(self: Throttle, items: Sequence[QuotaItem]) -> list[bool]:
+            for _, device, _ in items:
+                fault(device)
+            return await allow_batch(self, items)
+
+        Throttle.allow_batch = gate  # type: ignore[method-assign]
     elif stage == "rules":
         evaluate = AlertStage.evaluate
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import ServiceFactory
 from daemon import DaemonProcess, daemon_config, seqs_in_victoria
 from paho.mqtt.enums import CallbackAPIVersion
-from services import Mosquitto, VictoriaMetrics
+from services import Mosquitto, Redis, VictoriaMetrics
 
 FAULTY = Path(__file__).resolve().parent / "faulty_ingestd.py"
 QUIET = 8.0
@@ -157,6 +157,56 @@ def test_a_puback_that_fails_holds_back_no_other_and_its_message_comes_back_once
         publish(broker, [(topic, b'{"seq": 4}')])
         daemon.wait(lambda: daemon.metric("ingestd_points_written_total") >= 6, "the new one")
         assert daemon.metric("ingestd_messages_received_total") == 6
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+
+
+def test_an_internal_error_in_the_redis_quota_check_makes_its_readings_dead_letters(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    victoria_metrics: VictoriaMetrics,
+    redis_server: Redis,
+    unique: str,
+) -> None:
+    """With quotas.backend redis readings wait in a gate for one check per batch: a check
+    that raises makes that batch's readings dead letters under one error id, acknowledged;
+    the gate goes on with the next batch."""
+    farm = f"g{unique}"
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        farm,
+        {"url": victoria_metrics.url},
+        redis={"url": redis_server.url},
+        quotas={
+            "backend": "redis",
+            "rules": [{"name": "all", "topic": f"{farm}/+/{{device}}/#", "rate": 1000}],
+        },
+    )
+    daemon = FaultyDaemon(tmp_path, config, "gate", "boom")
+    daemon.start()
+    try:
+        publish(mosquitto, [(f"{farm}/site1/boom/reservoir", b'{"seq": 0}')])
+        daemon.wait(
+            lambda: daemon.metric('ingestd_messages_rejected_total{reason="internal_error"}') == 1,
+            "a dead letter with reason internal_error",
+        )
+        assert daemon.metric('ingestd_internal_errors_total{stage="quota"}') == 1
+        publish(mosquitto, [(f"{farm}/site1/esp32-00000/reservoir", b'{"seq": 1}')])
+        found = seqs_in_victoria(victoria_metrics, farm, 1)
+        assert found.keys() == {("esp32-00000", 1.0)}
+        with sqlite3.connect(tmp_path / "spool" / "deadletters.sqlite") as db:
+            letters = db.execute("SELECT topic, detail FROM deadletters").fetchall()
+        ids = logged_error_ids(daemon)
+        assert [topic for topic, _ in letters] == [f"{farm}/site1/boom/reservoir"]
+        assert letters[0][1].split()[1] in ids
+        assert daemon.terminate() == 0
+
+        daemon.start()  # acknowledged: nothing comes back before a new message
+        publish(mosquitto, [(f"{farm}/site1/esp32-00000/reservoir", b'{"seq": 2}')])
+        daemon.wait(lambda: daemon.metric("ingestd_points_written_total") == 1, "the new one")
+        assert daemon.metric("ingestd_messages_received_total") == 1
         assert daemon.terminate() == 0
     finally:
         daemon.close()
