@@ -253,6 +253,17 @@ class MqttSection(Section):
     """Messages received but not yet acknowledged, held in memory; above this ingestd stops
     reading from the broker until commits catch up (some brokers, e.g. Mosquitto 2.0.11,
     send more than receive_maximum)."""
+    max_unacked_bytes: ByteSize = ByteSize(64 << 20)
+    """Bytes held in memory between receipt and the commit that makes them durable (the
+    readings as line protocol, dead letters, what waits for the Redis quota check). Above
+    this ingestd stops reading from the broker (QoS 0 too, which Receive Maximum does not
+    limit) and resumes below half of it: a full spool cannot grow the daemon's memory."""
+    retained: Literal["once", "ignore"] = "once"
+    """Retained messages the broker replays at subscribe (the flag says so; a retained
+    message published while subscribed arrives as a live one): ``once`` stores those whose
+    readings carry the device's own timestamp (a replay writes the same point again) and
+    skips the rest; ``ignore`` skips them all. Never seen by the rules, the latest values
+    or the quotas: an old value, re-sent by the broker."""
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -267,6 +278,13 @@ class MqttSection(Section):
     @classmethod
     def _url(cls, value: str) -> str:
         return _check_url(value, ("mqtt", "mqtts"))
+
+    @field_validator("max_unacked_bytes")
+    @classmethod
+    def _held(cls, value: ByteSize) -> ByteSize:
+        if value < 1 << 20:
+            raise ValueError("must be at least 1MiB (memory for messages awaiting their commit)")
+        return value
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -7,8 +7,12 @@
                                                  drainer: batches --> TSDB sink --> release
 
 Every message ends as exactly one spool entry (readings, a dead letter, or nothing to keep:
-an ignored or throttled message), queued in receive order, so acks go out in that order.
-With the Redis quota backend, entries wait in a small gate for the batch's verdicts.
+an ignored or throttled message, a skipped retained replay), queued in receive order, so
+acks go out in that order. With the Redis quota backend, entries wait in a small gate for
+the batch's verdicts. What waits for its commit is bounded in messages and in bytes
+(``mqtt.max_unacked``, ``mqtt.max_unacked_bytes``): above either the source pauses (the
+broker holds the rest), below half of both it resumes. An exception of ours on the way
+(an internal error) turns the message into a dead letter, acknowledged in its turn.
 
 Shutdown (SIGTERM): stop reading from the broker, commit and acknowledge what arrived,
 disconnect (the broker keeps queueing for our session), drain to the TSDB for at most
@@ -33,6 +37,7 @@ from ingestd.cluster.rules import ClusterRules
 from ingestd.config import Settings
 from ingestd.deadletters import DeadLetter, DeadLetters
 from ingestd.decode import Decoder
+from ingestd.faults import InternalErrors
 from ingestd.health import Health
 from ingestd.http import HttpServer
 from ingestd.latest import Latest
@@ -40,7 +45,7 @@ from ingestd.lineproto import format_reading
 from ingestd.logs import get_logger
 from ingestd.loopwatch import LoopWatch
 from ingestd.metrics import Metrics
-from ingestd.model import Reject
+from ingestd.model import Reading, Reject
 from ingestd.notify import Notifier, Outbox, SqliteOutbox
 from ingestd.notify.outbox import FILENAME as OUTBOX_FILE
 from ingestd.notify.pg_outbox import PostgresOutbox
@@ -60,6 +65,22 @@ __all__ = ["Daemon"]
 log = get_logger("daemon")
 
 _APPEND, _REJECT, _SKIP = 0, 1, 2
+
+_Held = tuple[Ack, int]
+"""What the spool holds for a message until its commit: its ack and the bytes it costs."""
+_MESSAGE_BYTES = 384
+"""A message's cost beyond its lines while it awaits its commit: its ack, its receipt, list
+slots. Measured with tracemalloc, 50,000 one-line messages queued in the spool: 409 bytes
+each beyond the lines' text, of which _LINE_BYTES for the line."""
+_LINE_BYTES = 48
+"""A line's cost beyond its text: the bytes object's header and its list slot."""
+_READING_BYTES = 768
+_FIELD_BYTES = 48
+"""A decoded reading, and each of its fields beyond the first, while they wait in the Redis
+quota gate (tracemalloc, JSON readings of 1, 5 and 20 fields: 752, 849, 1,488 bytes)."""
+_RETAINED_KEPT = 65_536
+"""Retained messages remembered as stored, so a replay (each MQTT 3.1.1 reconnect) is not
+written again; a fleet's retained topics, bounded."""
 
 
 _GC_THRESHOLDS = (10_000, 20, 10)
@@ -81,7 +102,14 @@ class Daemon:
         self._last_ns = 0
         self._sample_bytes = settings.guard.sample_bytes
         self._max_unacked = settings.mqtt.max_unacked
-        self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None]] = []
+        self._max_bytes = int(settings.mqtt.max_unacked_bytes)
+        self._held_bytes = 0
+        """Bytes of the messages awaiting their commit, and of what waits in the gate."""
+        self._paused = False
+        self._retained = settings.mqtt.retained
+        self._retained_stored: dict[int, None] = {}
+        self._errors = InternalErrors(self.metrics, self.health)
+        self._gate: list[tuple[int, tuple[Any, ...], QuotaItem | None, int]] = []
         self._gate_ready = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
         self._registry: Registry | None = None
@@ -378,53 +406,197 @@ class Daemon:
 
     # --- the hot path ------------------------------------------------------------------
 
-    def _intake(self, topic: str, payload: bytes, redelivered: bool, ack: Ack) -> None:
+    def _intake(
+        self, topic: str, payload: bytes, redelivered: bool, retained: bool, ack: Ack
+    ) -> None:
         metrics = self.metrics
         metrics.received.inc()
         if self.alerts.is_ack(topic):
-            self.alerts.acknowledge_message(topic, payload)
-            self._admit(_SKIP, (ack,), None)
-            return
-        key = zlib.crc32(topic.encode()) << 32 | zlib.crc32(payload)
-        received = self.spool.receipt_of(key) if redelivered else None
-        if received is None:
-            received = self._clock()
-        reject: Reject | None = None
-        try:
-            readings = self._decoder.decode(topic, payload, received)
-            if self._registry is not None:
-                self._registry.admit(readings)  # unknown/disabled devices; calibration
-            self._series.admit(readings)  # too many series for one device
-            lines = [format_reading(r) for r in readings]
-        except Reject as exc:
-            # Without its traceback: kept, it would hold this frame and the callers' (the
-            # whole packet, up to the 256 MB MQTT allows) in a cycle until the GC runs.
-            reject = exc.with_traceback(None)
-        except ValueError as exc:  # decode is tested never to get here; a last line of defence
-            reject = Reject("bad_characters", str(exc))
-        except Exception as exc:  # a bug of ours must cost one message, never the intake
-            log.exception("internal error decoding a message; kept as a dead letter", topic=topic)
-            reject = Reject("internal_error", f"{type(exc).__name__}: {exc}"[:200])
-        if reject is not None:
-            metrics.rejected.labels(reject.reason).inc()
-            log.debug("rejected", topic=topic, reason=reject.reason, detail=reject.detail)
-            letter = DeadLetter(
-                received,
-                topic,
-                reject.reason,
-                reject.detail,
-                len(payload),
-                payload[: self._sample_bytes],
-            )
-            self._admit(_REJECT, (letter, ack), None)
-        elif not lines:
-            metrics.ignored.inc()
-            self._admit(_SKIP, (ack,), None)
+            self._alert_ack(topic, payload, retained, ack)
+        elif retained:
+            self._replayed(topic, payload, ack)
         else:
-            quota = self.throttle.match(topic, len(payload), readings[0].device)
-            self._admit(_APPEND, (lines, ack, key, received, readings), quota)
-        if self.spool.unacked + len(self._gate) > self._max_unacked:
-            self.source.pause()  # the broker holds the rest; resumed after the next commit
+            key = zlib.crc32(topic.encode()) << 32 | zlib.crc32(payload)
+            received = self.spool.receipt_of(key) if redelivered else None
+            if received is None:
+                received = self._clock()
+            reject: Reject | None = None
+            try:
+                readings = self._decoder.decode(topic, payload, received)
+                if self._registry is not None:
+                    self._registry.admit(readings)  # unknown/disabled devices; calibration
+                self._series.admit(readings)  # too many series for one device
+                lines = [format_reading(r) for r in readings]
+            except Reject as exc:
+                # Without its traceback: kept, it would hold this frame and the callers' (the
+                # whole packet, up to the 256 MB MQTT allows) in a cycle until the GC runs.
+                reject = exc.with_traceback(None)
+            except ValueError as exc:  # decode is tested never to get here; a last defence
+                reject = Reject("bad_characters", str(exc))
+            except Exception as exc:  # a bug of ours must cost one message, never the intake
+                reject = self._internal("decode", exc, topic)
+            if reject is not None:
+                self._reject(reject, received, topic, payload, ack)
+            elif not lines:
+                metrics.ignored.inc()
+                self._admit(_SKIP, (self._hold(ack, 0),), None)
+            else:
+                self._append(
+                    topic,
+                    payload,
+                    ack,
+                    key,
+                    received,
+                    readings=readings,
+                    lines=lines,
+                    live=True,
+                )
+        if (
+            self._held_bytes > self._max_bytes
+            or self.spool.unacked + len(self._gate) > self._max_unacked
+        ):
+            self._pause()  # the broker holds the rest; resumed after a commit
+
+    def _append(
+        self,
+        topic: str,
+        payload: bytes,
+        ack: Ack,
+        key: int,
+        received: int,
+        *,
+        readings: list[Reading],
+        lines: list[bytes],
+        live: bool,
+    ) -> None:
+        """Readings to the quota check, the rules and the latest values, then the spool.
+        Not ``live`` (a retained replay): the spool only; it is an old value, re-sent by
+        the broker, not by the device."""
+        held = self._hold(ack, sum(map(len, lines)) + _LINE_BYTES * len(lines))
+        args = (lines, held, key, received, readings, live, topic, payload)
+        try:
+            quota = self.throttle.match(topic, len(payload), readings[0].device) if live else None
+        except Exception as exc:
+            self._failed(self._internal("quota", exc, topic), args)
+            return
+        self._admit(_APPEND, args, quota)
+
+    def _reject(self, reject: Reject, received: int, topic: str, payload: bytes, ack: Ack) -> None:
+        self.metrics.rejected.labels(reject.reason).inc()
+        log.debug("rejected", topic=topic, reason=reject.reason, detail=reject.detail)
+        sample = payload[: self._sample_bytes]
+        letter = DeadLetter(received, topic, reject.reason, reject.detail, len(payload), sample)
+        cost = len(sample) + len(topic) + len(reject.detail)
+        self._admit(_REJECT, (letter, self._hold(ack, cost)), None)
+
+    def _hold(self, ack: Ack, cost: int) -> _Held:
+        """The message's ack with the bytes it holds until its commit (freed by _durable)."""
+        cost += _MESSAGE_BYTES
+        self._held_bytes += cost
+        return ack, cost
+
+    def _internal(
+        self, stage: str, exc: Exception, topic: str, what: str = "the message is a dead letter"
+    ) -> Reject:
+        """An internal error: logged with an error id, counted; the message's dead letter."""
+        error_id = self._errors.record(stage, exc, what, topic=topic)
+        return Reject(
+            "internal_error", f"error {error_id} in {stage}: {type(exc).__name__}: {exc}"[:500]
+        )
+
+    def _failed(self, reject: Reject, args: tuple[Any, ...]) -> None:
+        """A message that failed on its way to the spool (``_APPEND`` args): a dead letter,
+        acknowledged in its turn; its lines are dropped."""
+        _, held, _, received, _, _, topic, payload = args
+        ack, cost = held
+        self._held_bytes -= cost
+        sample = payload[: self._sample_bytes]
+        letter = DeadLetter(received, topic, reject.reason, reject.detail, len(payload), sample)
+        self.metrics.rejected.labels(reject.reason).inc()
+        self.spool.reject(letter, self._hold(ack, len(sample) + len(topic) + len(reject.detail)))
+
+    def _alert_ack(self, topic: str, payload: bytes, retained: bool, ack: Ack) -> None:
+        if retained:
+            # A command replayed from the retained store is stale: it could acknowledge an
+            # alert that fired after it was sent.
+            self.metrics.retained.labels("alert_ack").inc()
+            log.debug("retained alert acknowledgement replayed; ignored", topic=topic)
+        else:
+            try:
+                self.alerts.acknowledge_message(topic, payload)
+            except Exception as exc:
+                self._reject(
+                    self._internal("alerts", exc, topic), time.time_ns(), topic, payload, ack
+                )
+                return
+        self._admit(_SKIP, (self._hold(ack, 0),), None)
+
+    def _replayed(self, topic: str, payload: bytes, ack: Ack) -> None:
+        """A retained message the broker replayed at subscribe: an old value, not a new
+        reading. Stored (never evaluated) only with the device's own timestamp."""
+        outcome = "ignored"
+        if self._retained == "once":
+            key = zlib.crc32(topic.encode()) << 32 | zlib.crc32(payload)
+            outcome = "replayed"  # stored already by this process
+            if key not in self._retained_stored:
+                received = self._clock()
+                try:
+                    readings = self._decoder.decode(topic, payload, received)
+                    outcome = "no_reading" if not readings else "no_timestamp"
+                    readings = [r for r in readings if r.device_time]
+                    if readings and self._registry is not None:
+                        self._registry.admit(readings)
+                    self._series.admit(readings)
+                    lines = [format_reading(r) for r in readings]
+                except (Reject, ValueError) as exc:
+                    # Not a dead letter at every replay: it was one when it was published.
+                    outcome = "refused"
+                    log.debug("retained message refused; skipped", topic=topic, error=str(exc))
+                except Exception as exc:
+                    self._reject(
+                        self._internal("decode", exc, topic), received, topic, payload, ack
+                    )
+                    return
+                else:
+                    if lines:
+                        stored = self._retained_stored
+                        if len(stored) >= _RETAINED_KEPT:
+                            del stored[next(iter(stored))]
+                        stored[key] = None
+                        self.metrics.retained.labels("stored").inc()
+                        self._append(
+                            topic,
+                            payload,
+                            ack,
+                            key,
+                            received,
+                            readings=readings,
+                            lines=lines,
+                            live=False,
+                        )
+                        return
+        self.metrics.retained.labels(outcome).inc()
+        log.debug("retained message replayed by the broker; skipped", topic=topic, outcome=outcome)
+        self._admit(_SKIP, (self._hold(ack, 0),), None)
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.metrics.intake_paused.set(1)
+            self.metrics.unacked_bytes.set(self._held_bytes)
+            log.debug(
+                "intake paused: too much awaits its commit",
+                bytes=self._held_bytes,
+                messages=self.spool.unacked + len(self._gate),
+            )
+        self.source.pause()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.metrics.intake_paused.set(0)
+            log.debug("intake resumed", bytes=self._held_bytes)
+        self.source.resume()
 
     def _outbox(self) -> Outbox | None:
         """The shared outbox in PostgreSQL when configured; None: the local one. Without
@@ -454,21 +626,46 @@ class Daemon:
 
     def _admit(self, op: int, args: tuple[Any, ...], quota: QuotaItem | None) -> None:
         if self.throttle.batched:
-            self._gate.append((op, args, quota))
+            cost = 0
+            if op == _APPEND:  # the decoded readings and the payload wait in the gate too
+                held, readings, payload = args[1], args[4], args[7]
+                fields = sum(len(r.fields) for r in readings)
+                # The readings' names and values take about what their lines do.
+                cost = held[1] + len(payload) + _READING_BYTES * len(readings)
+                cost += _FIELD_BYTES * fields
+                self._held_bytes += cost
+            self._gate.append((op, args, quota, cost))
             self._gate_ready.set()
-        elif quota is not None and not self.throttle.allow(quota):
-            self._throttled(args)
-        else:
+        elif quota is None:
             self._to_spool(op, args)
+        else:  # only readings (_APPEND) have a quota
+            try:
+                allowed = self.throttle.allow(quota)
+            except Exception as exc:
+                self._failed(self._internal("quota", exc, args[6]), args)
+                return
+            if allowed:
+                self._to_spool(op, args)
+            else:
+                self._throttled(args)
 
     def _to_spool(self, op: int, args: tuple[Any, ...]) -> None:
         if op == _APPEND:
-            lines, ack, key, received, readings = args
+            lines, held, key, received, readings, live, topic, _ = args
+            # The ack goes to the spool last: whatever fails before makes a dead letter.
+            stage = "rules"
+            try:
+                if live:
+                    self.alerts.evaluate(readings)
+                    stage = "latest"
+                    if self.latest is not None:
+                        self.latest.observe(readings)
+                stage = "spool"
+                self.spool.append(lines, held, key, received)
+            except Exception as exc:
+                self._failed(self._internal(stage, exc, topic), args)
+                return
             self.metrics.accepted.inc()
-            self.spool.append(lines, ack, key, received)
-            self.alerts.evaluate(readings)
-            if self.latest is not None:
-                self.latest.observe(readings)
         elif op == _REJECT:
             self.spool.reject(*args)
         else:
@@ -486,31 +683,66 @@ class Daemon:
         """Decide everything waiting in one Redis round trip, then spool it in order."""
         self._gate_ready.clear()
         batch, self._gate = self._gate, []
-        items = [quota for _, _, quota in batch if quota is not None]
+        items = [quota for _, _, quota, _ in batch if quota is not None]
+        failure: Reject | None = None
         try:
             verdicts = iter(await self.throttle.allow_batch(items) if items else ())
         except asyncio.CancelledError:
             self._gate[:0] = batch  # back in front, in order, for the final pass
             raise
-        for op, args, quota in batch:
-            if quota is not None and not next(verdicts):
-                self._throttled(args)
-            else:
+        except Exception as exc:  # one error id for the batch: its messages are dead letters
+            topic = next(args[6] for _, args, quota, _ in batch if quota is not None)
+            failure = self._internal(
+                "quota",
+                exc,
+                topic,
+                f"the {len(items)} messages of this quota check are dead letters",
+            )
+            verdicts = iter(())
+        for op, args, quota, cost in batch:
+            self._held_bytes -= cost
+            if quota is None:
                 self._to_spool(op, args)
+            elif failure is not None:
+                self._failed(failure, args)
+            elif next(verdicts):
+                self._to_spool(op, args)
+            else:
+                self._throttled(args)
 
-    def _durable(self, acks: list[Ack]) -> None:
-        self.source.ack(acks)
+    def _durable(self, acks: list[_Held]) -> None:
+        freed = 0
+        plain: list[Ack] = []
+        for ack, cost in acks:
+            plain.append(ack)
+            freed += cost
+        self._held_bytes -= freed
+        self.metrics.unacked_bytes.set(self._held_bytes)
+        try:
+            self.source.ack(plain)
+        except Exception as exc:
+            self._errors.record(
+                "acknowledgement",
+                exc,
+                "a message durable here stays unacknowledged until the next reconnect (the"
+                " broker then redelivers it: its readings overwrite themselves)",
+            )
         if self._stopping:
             return
-        if self.spool.unacked + len(self._gate) < self._max_unacked // 2:
-            self.source.resume()
+        if (
+            self._held_bytes < self._max_bytes // 2
+            and self.spool.unacked + len(self._gate) < self._max_unacked // 2
+        ):
+            self._resume()
 
     async def _sweep(self) -> None:
-        """Expire idle quota state and the series of silent devices."""
+        """Expire idle quota state and the series of silent devices; internal errors long
+        past stop degrading health."""
         while True:
             await asyncio.sleep(5)
             self.throttle.sweep()
             self._series.sweep()
+            self._errors.sweep()
 
     async def _drain(self, sink: Sink) -> None:
         influx = self.settings.influx

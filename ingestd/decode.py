@@ -550,7 +550,8 @@ class _Route:
         if not fields:
             raise Reject(NO_FIELDS, f"no numeric, boolean or string field in {_clip(payload)}")
         self._check_fields(fields, payload)
-        return [Reading(measurement, device, tags, fields, self._time(stamp, received_ns))]
+        time_ns = self._time(stamp, received_ns)
+        return [Reading(measurement, device, tags, fields, time_ns, stamp is not _MISSING)]
 
     def _plain(self, payload: bytes, field: str) -> FieldValue:
         """One plain value: number, true/false/on/off (any case), or a string field's text."""
@@ -639,7 +640,7 @@ class _Route:
                 untimed += 1
             else:
                 time_ns = self._guard_time(stamp, received_ns)
-            readings.append(Reading(measurement, device, tags, fields, time_ns))
+            readings.append(Reading(measurement, device, tags, fields, time_ns, stamp is not None))
         if not readings:
             raise Reject(NO_FIELDS, "no line-protocol line in the payload")
         return readings
@@ -650,6 +651,7 @@ class _Route:
         obj = self._load_object(payload)
         stamp = obj.get("Time")
         time_ns = self._time(_MISSING if stamp is None else stamp, received_ns)
+        device_time = stamp is not None
         readings: list[Reading] = []
         for sensor, values in obj.items():
             if type(values) is not dict:  # Time, TempUnit, Switch1: "ON", ...
@@ -664,7 +666,9 @@ class _Route:
             _check_backslashes((sensor,), "sensor name")
             _check_lengths((sensor,), "sensor name")
             readings.append(
-                Reading(measurement, device, {**tags, "sensor": sensor}, fields, time_ns)
+                Reading(
+                    measurement, device, {**tags, "sensor": sensor}, fields, time_ns, device_time
+                )
             )
         if not readings:
             raise Reject(NO_FIELDS, f"no sensor object with a number in {_clip(payload)}")
@@ -697,7 +701,8 @@ class Decoder:
         """The readings of one message; ``[]`` when it carries none by design.
 
         Raises Reject with a reason from REASONS. ``received_ns`` is the time of first
-        receipt, unique per message: it stamps readings that bring no timestamp.
+        receipt, unique per message: it stamps readings that bring no timestamp (their
+        ``device_time`` is False; True where the time is the device's own).
         """
         if len(payload) > self._max_payload:
             raise Reject(TOO_LARGE, f"{len(payload)} bytes > {self._max_payload}")

@@ -37,6 +37,30 @@ class Metrics:
             " with new series are dead letters too_many_series",
             registry=r,
         )
+        self.retained = Counter(
+            "ingestd_retained_messages",
+            "Retained messages the broker replayed at subscribe, by outcome (stored: the"
+            " device's own timestamp; the others skipped, see mqtt.retained)",
+            ["outcome"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "ingestd_internal_errors",
+            "Internal errors on the message path, by stage (a bug: report it with the log's"
+            " error id); the message is a dead letter with reason internal_error",
+            ["stage"],
+            registry=r,
+        )
+        self.unacked_bytes = Gauge(
+            "ingestd_unacked_bytes",
+            "Bytes held in memory between receipt and durable commit (mqtt.max_unacked_bytes)",
+            registry=r,
+        )
+        self.intake_paused = Gauge(
+            "ingestd_intake_paused",
+            "1 while ingestd does not read the broker: too much awaits a commit (a full spool)",
+            registry=r,
+        )
         self.readings = Counter(
             "ingestd_readings_spooled", "Readings written to the spool", registry=r
         )

@@ -15,8 +15,10 @@ class Reading:
 
     ``device`` comes from the topic, never from the payload; ``tags`` hold the other
     topic levels (site, node, ...) and never contain ``device``. ``time_ns`` is the
-    device's own timestamp when it sent one, else the time of first receipt, so a
-    replayed reading overwrites itself in the TSDB instead of duplicating.
+    device's own timestamp when it sent one (``device_time``), else the time of first
+    receipt, so a replayed reading overwrites itself in the TSDB instead of duplicating.
+    A retained message replayed by the broker is a reading only when ``device_time``: the
+    receipt time of a replay would date an old value now.
     """
 
     measurement: str
@@ -24,6 +26,7 @@ class Reading:
     tags: dict[str, str]
     fields: dict[str, FieldValue]
     time_ns: int
+    device_time: bool = False
 
 
 class Reject(Exception):

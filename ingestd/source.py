@@ -7,6 +7,15 @@ acknowledges a message only when the pipeline says what it became is durable. ai
 
 A connection *generation* tags each message: an ack for a message of an earlier
 connection is never sent on a later one (the broker redelivers that message instead).
+
+Retained messages: the broker sets the retain flag only on a message it sends because a
+subscription was made (its retained store, replayed); a retained message published while we
+are subscribed, or queued for our session while we were away, arrives with the flag clear
+(MQTT 3.1.1 3.3.1.3; MQTT 5 with Retain As Published off, as here). So the flag we pass on
+means "an old value, replayed", never "a new reading". With MQTT 5 the subscription asks for
+fewer replays: Retain Handling 1 (only when the subscription is new, not at each reconnect
+of our persistent session) for ``mqtt.retained: once``, 2 (never) for ``ignore`` and for
+commands (alert acknowledgements). MQTT 3.1.1 has no such option: each reconnect replays.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingestd.config import MqttSection
 from ingestd.health import Health
@@ -40,8 +50,9 @@ log = get_logger("mqtt")
 
 Ack = tuple[int, int, int]
 """(connection generation, message id, QoS) - what ``MqttSource.ack`` needs."""
-OnMessage = Callable[[str, bytes, bool, Ack], None]
-"""Called on the event loop for each message: (topic, payload, redelivered, ack)."""
+OnMessage = Callable[[str, bytes, bool, bool, Ack], None]
+"""Called on the event loop for each message: (topic, payload, redelivered, retained, ack);
+``retained``: the broker replayed it from its retained store (see the module's docstring)."""
 
 _READS_PER_WAKEUP = 4096
 _READ_BUDGET = 0.01
@@ -290,10 +301,28 @@ class MqttSource:
             client.unsubscribe(stale)
             log.info("unsubscribed topics no longer configured", filters=stale)
         self._subscribed.clear()
-        result, mid = client.subscribe([(f, 1) for f in wanted])
+        result, mid = client.subscribe(self._subscription_options(wanted))
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._sub_mids.add(mid)
         self._save_filters(wanted)
+
+    def _subscription_options(self, filters: Sequence[str]) -> list[tuple[str, Any]]:
+        """QoS 1; for MQTT 5 also how many retained messages the broker replays."""
+        if self._section.protocol != "5":
+            return [(f, 1) for f in filters]
+        readings = 2 if self._section.retained == "ignore" else 1
+        # Retain As Published off: a live retained publish reaches us with the flag clear.
+        return [
+            (
+                f,
+                SubscribeOptions(
+                    qos=1,
+                    retainAsPublished=False,
+                    retainHandling=2 if f in self._extra_filters else readings,
+                ),
+            )
+            for f in filters
+        ]
 
     def _load_previous_filters(self) -> list[str]:
         try:
@@ -350,27 +379,44 @@ class MqttSource:
         self._received += 1
         try:
             self._on_message(
-                msg.topic, bytes(msg.payload), msg.dup, (self._generation, msg.mid, msg.qos)
+                msg.topic,
+                bytes(msg.payload),
+                msg.dup,
+                msg.retain,
+                (self._generation, msg.mid, msg.qos),
             )
         except Exception:
             # paho would re-raise and then replay this packet forever, stopping all intake.
-            # The pipeline turns bad input into dead letters; this is a bug of ours: say so,
-            # and leave the message unacknowledged (the broker redelivers it).
-            log.exception("internal error handling a message; please report", topic=msg.topic)
+            # The pipeline turns its own errors into dead letters: reaching here means even
+            # that failed. The message stays unacknowledged until the next reconnect.
+            log.exception(
+                "internal error handling a message, left unacknowledged; please report",
+                topic=msg.topic,
+            )
 
     # --- acknowledgement ----------------------------------------------------------------
 
     def ack(self, acks: Sequence[Ack]) -> int:
-        """Send PUBACKs, in order; returns how many went to the current connection."""
+        """Send PUBACKs, in order; returns how many went to the current connection. One
+        that cannot be sent is raised after the others went out."""
         client = self._client
         if client is None:
             return 0
         generation = self._generation
         sent = 0
+        failed: Exception | None = None
         for gen, mid, qos in acks:
             if gen == generation and qos:
-                client.ack(mid, qos)
+                # One failing must not hold back the acks after it (each is an in-flight
+                # slot of the broker's): send the rest, then raise the first failure.
+                try:
+                    client.ack(mid, qos)
+                except Exception as exc:
+                    failed = failed or exc
+                    continue
                 sent += 1
+        if failed is not None:
+            raise failed
         return sent
 
     # --- socket plumbing: paho's socket on our event loop ------------------------------

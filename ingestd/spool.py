@@ -26,10 +26,12 @@ import os
 import struct
 import time
 import zlib
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,14 @@ _RECEIPT = struct.Struct("<Qq")
 _SEGMENT_BYTES = 16 << 20
 # Lines per record: the drainer's batches are whole records, so this bounds their overshoot.
 _RECORD_LINES = 1000
+_RECORD_BYTES = 1 << 20
+"""Bytes of lines per record, too (a longer line makes a record of its own): a record is
+built whole in memory when written and when read, and 1,000 readings of 64 KiB would be
+64 MiB at once."""
+_BATCH_BYTES = 4 << 20
+"""The drainer's batches stop at this many bytes of lines (after a whole record): with 64
+KiB readings, influx.batch_size lines would be hundreds of MiB in memory, and more than
+InfluxDB takes in one request (max body 25 MB by default)."""
 # Receipt times remembered for redelivered messages: a few broker in-flight windows.
 _RECEIPTS_KEPT = 65536
 
@@ -91,6 +101,24 @@ class _Pending:
 
 def _segment_name(number: int) -> str:
     return f"{number:016d}.seg"
+
+
+def _records(lines: Sequence[bytes]) -> list[tuple[int, int]]:
+    """Where a commit's lines are cut into records: (start, end) index pairs, each at most
+    _RECORD_LINES lines and _RECORD_BYTES bytes (or one longer line)."""
+    count = len(lines)
+    if count <= _RECORD_LINES and sum(map(len, lines)) <= _RECORD_BYTES:
+        return [(0, count)]  # the usual commit: one record
+    ends = list(accumulate(map(len, lines)))
+    cuts = []
+    start = 0
+    while start < count:
+        before = ends[start - 1] if start else 0
+        end = bisect_right(ends, before + _RECORD_BYTES, lo=start)
+        end = min(max(end, start + 1), start + _RECORD_LINES)
+        cuts.append((start, end))
+        start = end
+    return cuts
 
 
 class Spool:
@@ -309,7 +337,7 @@ class Spool:
         self._committing_acks = len(pending.acks)
         size = 0
         if pending.lines:
-            records = -(-len(pending.lines) // _RECORD_LINES)
+            records = len(_records(pending.lines))
             size = (
                 _HEADER.size * records
                 + sum(map(len, pending.lines))
@@ -393,12 +421,11 @@ class Spool:
             return self._segments.get(self._write_segment, 0)
         lines = pending.lines
         now = time.time_ns()
-        records = []
-        for start in range(0, len(lines), _RECORD_LINES):
-            chunk = lines[start : start + _RECORD_LINES]
-            payload = b"\n".join(chunk)
-            last = start + _RECORD_LINES >= len(lines)
+        # Written a record at a time: a commit of big readings is never copied whole.
+        for start, end in _records(lines):
+            payload = b"\n".join(lines[start:end])
             # The receipts ride with the commit's last record: any record of it would do.
+            last = end == len(lines)
             trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts) if last else b""
             body = payload + trailer
             header = _HEADER.pack(
@@ -408,15 +435,13 @@ class Spool:
                 len(payload),
                 len(trailer),
                 zlib.crc32(body),
-                len(chunk),
+                end - start,
                 now,
             )
-            records.append(header)
-            records.append(body)
-        data = memoryview(b"".join(records))
-        while data:
-            written = os.write(self._write_fd, data)
-            data = data[written:]
+            data = memoryview(header + body)
+            while data:
+                written = os.write(self._write_fd, data)
+                data = data[written:]
         os.fdatasync(self._write_fd)
         return os.lseek(self._write_fd, 0, os.SEEK_END)
 
@@ -426,8 +451,11 @@ class Spool:
 
     # --- drain side (event loop thread) -----------------------------------------------
 
-    async def read_batch(self, max_lines: int, linger: float) -> Batch:
-        """The next lines in spool order: waits for data, then up to ``linger`` for more."""
+    async def read_batch(
+        self, max_lines: int, linger: float, max_bytes: int = _BATCH_BYTES
+    ) -> Batch:
+        """The next lines in spool order: waits for data, then up to ``linger`` for more.
+        Whole records, until ``max_lines`` lines or ``max_bytes`` bytes are reached."""
         while self._read >= self._committed:
             self._data_ready.clear()
             await self._data_ready.wait()
@@ -435,9 +463,10 @@ class Spool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full_batch(max_lines), linger)
         lines: list[bytes] = []
+        size = 0
         committed_ns = 0
         position = self._read
-        while position < self._committed and len(lines) < max_lines:
+        while position < self._committed and len(lines) < max_lines and size < max_bytes:
             if position.offset >= self._segments.get(position.segment, 0):
                 position = Position(position.segment + 1, 0)
                 continue
@@ -447,7 +476,8 @@ class Spool:
                 raise RuntimeError(f"spool record unreadable at {position}: disk corruption?")
             end, _, committed_ns, trailer = parsed
             payload = data[_HEADER.size : end - len(trailer)]
-            lines.extend(bytes(payload).split(b"\n"))
+            size += len(payload)
+            lines.extend(payload.split(b"\n"))
             position = Position(position.segment, position.offset + end)
         self._read = position
         self._read_ahead_lines += len(lines)

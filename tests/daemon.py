@@ -56,6 +56,9 @@ def daemon_config(
 class DaemonProcess:
     """``ingestd run`` in a subprocess; its log goes to a file beside its spool."""
 
+    command: tuple[str, ...] = (sys.executable, "-m", "ingestd")
+    """What runs ingestd's command line (a fault test runs a wrapper that injects one)."""
+
     def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -69,7 +72,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ingestd", "run", "--config", str(self.config_path)],
+                [*self.command, "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -129,6 +129,7 @@ def test_esp32_json() -> None:
             "fw": "1.4.2",
         },
         time_ns=T0 * S,
+        device_time=True,  # the device's own: a retained replay of it may be stored
     )
     assert all(type(v) is float for k, v in r.fields.items() if k not in {"heater", "fw"})
     assert format_reading(r) == (
@@ -483,11 +484,13 @@ def test_line_protocol_lines_become_readings() -> None:
         {"room": "a", "site": "north"},
         {"temp": 21.5, "hum": 55.0, "count": 3.0, "ok": True, "note": "fine"},
         (T0 + 1) * S,
+        device_time=True,
     )
     assert all(type(first.fields[k]) is float for k in ("hum", "count"))
     assert (second.tags, second.fields) == ({"probe": "p1", "site": "north"}, {"ph": 6.1})
     # untimed lines: the receipt time, a nanosecond apart so they cannot overwrite each other
     assert (second.time_ns, third.time_ns) == (RECEIVED, RECEIVED + 1)
+    assert not second.device_time and not third.device_time
 
 
 def test_line_timestamps_are_guarded() -> None:
@@ -543,7 +546,7 @@ def test_tasmota_sensor_message() -> None:
     ds, am = decode("tele/tasmota_A1B2C3/SENSOR", orjson.dumps(TASMOTA))
     when = T0 * S  # 12:00 local time in Berlin (CEST) is 10:00 UTC
     assert ds == Reading(
-        "tasmota", "tasmota_A1B2C3", {"sensor": "DS18B20"}, {"Temperature": 21.5}, when
+        "tasmota", "tasmota_A1B2C3", {"sensor": "DS18B20"}, {"Temperature": 21.5}, when, True
     )
     assert am == Reading(
         "tasmota",
@@ -551,6 +554,7 @@ def test_tasmota_sensor_message() -> None:
         {"sensor": "AM2301"},
         {"Temperature": 22.1, "Humidity": 55.3, "DewPoint": 12.6},
         when,
+        device_time=True,
     )
 
 

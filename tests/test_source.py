@@ -506,7 +506,7 @@ def test_a_backlog_is_read_in_slices_so_the_loop_does_its_other_work_between(
     handled = 0
     started, finished = asyncio.Event(), asyncio.Event()
 
-    def on_message(_topic: str, _payload: bytes, _dup: bool, _ack: Any) -> None:
+    def on_message(_topic: str, _payload: bytes, _dup: bool, _retained: bool, _ack: Any) -> None:
         nonlocal handled
         handled += 1
         started.set()

@@ -317,3 +317,42 @@ def test_a_commit_cancelled_mid_write_still_acks_in_order_and_loses_nothing(
         return recovery.pending_lines
 
     assert asyncio.run(reopen()) == 0  # everything released; nothing half-counted
+
+
+def test_big_readings_are_cut_into_records_and_batches_of_bounded_bytes(tmp_path: Path) -> None:
+    """64 KiB readings: a record holds at most 1 MiB of them (it is built whole in memory
+    when written and read), a batch at most 4 MiB after a whole record, and a reading longer
+    than a record gets one of its own; nothing is lost or reordered across the cuts."""
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        big = [f'm,device=d seq={i}.0,blob="{"x" * (64 << 10)}" {i}'.encode() for i in range(100)]
+        huge = b'm,device=d huge="' + b"y" * (3 << 20) + b'" 100'
+        lines = [*big[:50], huge, *big[50:]]
+        for i, line in enumerate(lines):
+            spool.append([line], i, key=i, received_ns=i)
+        acked: list[Any] = []
+        await spool.commit(acked.extend)
+        assert acked == list(range(len(lines)))
+        batches = []
+        while spool.pending_lines:
+            batch = await spool.read_batch(100_000, linger=0)
+            batches.append(batch.lines)
+            spool.release(batch)
+        assert [line for batch in batches for line in batch] == lines
+        for batch in batches:
+            assert sum(map(len, batch)) <= (4 << 20) + len(huge), [len(b) for b in batch]
+        assert len(batches) >= 2
+        spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_records_are_cut_at_a_mebibyte_or_a_thousand_lines() -> None:
+    cut = spool_module._records
+    assert cut([b"x" * 100] * 999) == [(0, 999)]
+    assert cut([b"x" * 100] * 2500) == [(0, 1000), (1000, 2000), (2000, 2500)]
+    big = [b"x" * (300 << 10)] * 7  # three fit in 1 MiB, four do not
+    assert cut(big) == [(0, 3), (3, 6), (6, 7)]
+    assert cut([b"x" * (2 << 20), b"y"]) == [(0, 1), (1, 2)]  # a longer line: alone
