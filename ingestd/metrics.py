@@ -33,6 +33,12 @@ class Metrics:
             "ingestd_spool_records", "Readings in the spool not yet written to the TSDB", registry=r
         )
         self.spool_bytes = Gauge("ingestd_spool_bytes", "Bytes of spool on disk", registry=r)
+        self.spool_oldest = Gauge(
+            "ingestd_spool_oldest_seconds",
+            "How long the oldest reading not yet written to the TSDB has waited in the spool"
+            " (since its commit; 0 when none)",
+            registry=r,
+        )
         self.spool_full = Gauge(
             "ingestd_spool_full",
             "1 while the spool's disk budget is exhausted (acks stopped)",
