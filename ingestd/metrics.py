@@ -203,6 +203,18 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.http_connections = Gauge(
+            "ingestd_http_connections", "Open connections to the HTTP endpoint", registry=r
+        )
+        self.http_closed = Counter(
+            "ingestd_http_connections_closed",
+            "HTTP connections ingestd closed itself, by reason: header_timeout (no whole"
+            " request head within http.header_timeout), idle (kept alive longer than"
+            " http.idle_timeout), evicted (the least recently active idle one, to make room"
+            " past http.max_connections), refused (past it with none idle)",
+            ["reason"],
+            registry=r,
+        )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)
         self.connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected to the broker", registry=r
