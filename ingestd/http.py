@@ -57,6 +57,10 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _CAP_LOG_EVERY = 60.0
 """Seconds between log lines saying the connection cap is being hit (the metric counts all)."""
+_ACCEPT_TURNS = 8
+"""Connections accepted per turn of the loop: max_connections divided by this. A new
+connection's first bytes are read some 3-4 turns after its accept; fewer than
+max_connections accepted meanwhile, it cannot be the idlest when one must make room."""
 _SCRAPE_SHARE = 0.2
 """At most this share of the time goes to rendering /metrics, however often it is scraped:
 after a render, the next waits (1 / share - 1) times as long as that one took."""
@@ -317,9 +321,17 @@ class HttpServer:
         assert handler is not None
         self._pool = _Pool(section, self._metrics, handler)
         # Our own listener (aiohttp's sites take no protocol of ours): each connection is a
-        # _Connection holding aiohttp's protocol.
+        # _Connection holding aiohttp's protocol. The backlog is also how many connections
+        # asyncio accepts per turn of the loop; a new one's first bytes are read a few turns
+        # after its accept, so with more than max_connections accepted in those turns a
+        # flood would close (as the idlest) a health probe that had not been read yet.
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._pool.protocol, section.host, section.port)
+        self._server = await loop.create_server(
+            self._pool.protocol,
+            section.host,
+            section.port,
+            backlog=max(1, section.max_connections // _ACCEPT_TURNS),
+        )
 
     async def close(self) -> None:
         if self._server is not None:

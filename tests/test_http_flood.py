@@ -211,15 +211,15 @@ def test_idle_sockets_and_slowloris_neither_stop_ingestion_nor_lose_a_reading(
             "flooded",
             timeout=120,
         )
-        probes: list[int] = []
+        probes: list[int | str] = []
         probing = threading.Event()
 
         def probe() -> None:  # monitoring, every 0.5 s, each on a new connection
             while not probing.wait(0.5):
                 try:
                     probes.append(http_request("GET", daemon.http + "/healthz").status)
-                except OSError:
-                    probes.append(0)
+                except OSError as exc:
+                    probes.append(repr(exc))
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
