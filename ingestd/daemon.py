@@ -321,14 +321,16 @@ class Daemon:
         await self._pass_gate()
         grace = self.settings.spool.shutdown_grace
         try:
-            # A full spool (the TSDB down) would wait for room forever: bound it.
+            # A full spool (the TSDB down) would wait for room forever, a failing disk retry
+            # forever: bound it.
             await asyncio.wait_for(
                 self.spool.commit(self._durable, self.alerts.save_if_changed), grace
             )
         except TimeoutError:
             log.warning(
-                "spool full at shutdown: the last messages stay unacknowledged;"
-                " the broker redelivers them at the next start"
+                "the last commit did not finish within spool.shutdown_grace (the spool full,"
+                " or its files not writable: see the errors before): the last messages stay"
+                " unacknowledged; the broker redelivers them at the next start"
             )
         await self.alerts.close()
         if self.members is not None:

@@ -6,16 +6,20 @@ end-to-end flood against a running daemon is in test_http_flood.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 from services import free_port
 
+from ingestd.cli import main
 from ingestd.config import HttpSection
 from ingestd.health import Health
 from ingestd.http import HttpServer
@@ -228,3 +232,19 @@ def test_with_every_connection_in_a_request_a_new_one_is_closed_at_once() -> Non
             assert [status for status, _ in answers] == [200, 200]
 
     asyncio.run(scenario())
+
+
+def test_the_limits_are_settings_and_none_may_close_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [n for n in os.environ if n.startswith("INGESTD_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "ingestd.yaml"
+    config.write_text("http:\n  max_connections: 0\n  header_timeout: 0s\n  idle_timeout: 2m\n")
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "http.max_connections = 0: Input should be greater than or equal to 1" in err
+    assert "http.header_timeout = '0s': Input should be greater than 0" in err
+    assert "idle_timeout" not in err
+    config.write_text("http:\n  max_connections: 16\n  header_timeout: 3s\n  idle_timeout: 2m\n")
+    assert main(["check", "--config", str(config)]) == 0
