@@ -8,6 +8,7 @@ import errno
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -498,6 +499,46 @@ def test_the_backlog_counts_every_reading_held_and_the_age_of_the_oldest(
         await drain_all(spool)
         after = spool.backlog()
         assert after["readings"] == 0 and after["oldest_seconds"] == 0.0
+        spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_dead_letters_the_disk_refuses_hold_their_acks_and_are_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite refusing the dead letters (a full disk: "database or disk is full") in a
+    commit, and later the lines the TSDB refused: retried, never stored twice, acked after."""
+    refusals = {"left": 2}
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        real_add = spool._deadletters.add
+
+        def refusing_add(letters: Any) -> None:
+            if refusals["left"]:
+                refusals["left"] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            real_add(letters)
+
+        monkeypatch.setattr(spool._deadletters, "add", refusing_add)
+        acked: list[Any] = []
+        spool.reject(DeadLetter(1, "t", "malformed", "x", 3, b"abc"), "bad")
+        spool.append(lines_for(1), "good", 1, 1)
+        commit = asyncio.create_task(spool.commit(acked.extend))
+        await until(lambda: commit.done() or not spool._health.healthy, "health degraded")
+        assert not commit.done(), f"the commit task ended: {commit.exception()!r}"
+        assert "database or disk is full" in spool_detail(spool)
+        assert acked == []
+        await asyncio.wait_for(commit, 20)
+        assert acked == ["bad", "good"] and spool._health.healthy
+        refusals["left"] = 1
+        refused = DeadLetter(2, "", "tsdb_refused", "400: bad", 3, b"xyz")
+        await asyncio.wait_for(spool.add_deadletters([refused]), 20)  # the drainer's
+        assert spool._health.healthy
+        reasons = [letter.reason for letter in spool._deadletters.list()]
+        assert reasons == ["tsdb_refused", "malformed"]
         spool.close()
 
     asyncio.run(scenario())
