@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from ingestd import durable
 from ingestd.config import RulesSection
 from ingestd.health import Health
 from ingestd.logs import get_logger
@@ -139,7 +140,7 @@ class FileStore:
                         first = False
                     await run(handle.write, b"]}")
                     await run(os.fsync, handle.fileno())
-                await run(tmp.replace, self.full_file)
+                await run(durable.replace, tmp, self.full_file)
             except OSError as exc:
                 log.error("cannot save the alert state; will retry", file=str(tmp), error=str(exc))
                 with contextlib.suppress(OSError):
@@ -185,6 +186,8 @@ class AlertStage:
         self._full_at = time.monotonic()
         self._save_lock = asyncio.Lock()
         self._evaluations = 0
+        self._watch_failed = False
+        self._signature: tuple[tuple[str, int, int], ...] = ()
         self._signature = self._files_signature()
         self.engine = Engine(ruleset if ruleset is not None else self._load_initial(), clock)
         self._restore()
@@ -454,8 +457,19 @@ class AlertStage:
         directory = self._section.dir
         if not directory.is_dir():
             return ()
+        try:
+            names = sorted(directory.iterdir())
+        except OSError as exc:
+            # No file descriptor left (EMFILE), or the directory unreadable for a moment:
+            # the rules stay as they are and the next look tries again. Raised here, it
+            # would end the stage and with it the daemon.
+            if not self._watch_failed:
+                log.warning("cannot look at the rule files; will look again", error=str(exc))
+            self._watch_failed = True
+            return self._signature
+        self._watch_failed = False
         entries = []
-        for path in sorted(directory.iterdir()):
+        for path in names:
             if path.suffix in {".yaml", ".yml"}:
                 with contextlib.suppress(FileNotFoundError):
                     stat = path.stat()
@@ -487,7 +501,7 @@ def _write_atomically(path: Path, data: bytes) -> bool:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        tmp.replace(path)
+        durable.replace(tmp, path)  # the messages are acknowledged after this
     except OSError as exc:
         log.error("cannot save the alert state; will retry", file=str(path), error=str(exc))
         return False

@@ -412,11 +412,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ingestd.daemon import Daemon  # noqa: PLC0415 - keeps `check` free of runtime imports
+    from ingestd.daemon import (  # noqa: PLC0415 - keeps `check` free of runtime imports
+        Daemon,
+        raise_open_files_limit,
+    )
     from ingestd.logs import configure_logging  # noqa: PLC0415
 
     settings = _load(args)
     configure_logging(settings.logging)
+    raise_open_files_limit()
     return asyncio.run(Daemon(settings).serve())
 
 

@@ -941,6 +941,14 @@ class HttpSection(Section):
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     """SHA-256 (hex) of the bearer token required on every endpoint but /metrics, /healthz
     and /readyz; ``ingestd http token`` makes one. Required when listening beyond loopback."""
+    max_connections: int = Field(default=128, ge=1)
+    """Open connections at most; past it the one idle the longest is closed for the new one
+    (none idle: the new one is closed). Each holds a file descriptor the spool may need."""
+    header_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    """A new connection must have sent its whole request head within this."""
+    idle_timeout: Annotated[Duration, Field(gt=0)] = 15.0
+    """A kept-alive connection is closed when no new request head is complete this long
+    after the previous response."""
 
     @field_validator("listen")
     @classmethod

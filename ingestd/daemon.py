@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import resource
 import signal
 import time
 import zlib
@@ -60,7 +61,7 @@ from ingestd.store.registry import Device, Registry
 from ingestd.systemd import SystemdNotify
 from ingestd.throttle import QuotaItem, Throttle
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "raise_open_files_limit"]
 
 log = get_logger("daemon")
 
@@ -90,6 +91,22 @@ whose growth set off a full collection every 4 s (100-450 ms pauses with 10,000 
 rule state: bench latency scenario, ``ingestd_gc_pause_seconds``). Alert p99 there: 218 ms at
 the default, 40 ms at these, 558 ms with (10_000, 5, 10) (more objects reach the old
 generation: more full collections)."""
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one. Cheap insurance: systemd's
+    default soft limit is 1024 (the shipped unit sets LimitNOFILE), and a daemon out of
+    file descriptors cannot write its spool. Not raised (refused, or already there): the
+    HTTP endpoint's connection cap still keeps what it holds bounded."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if resource.RLIM_INFINITY in (soft, hard) or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open files limit", soft=soft, hard=hard, error=str(exc))
+        return
+    log.info("open files limit raised to the hard limit", soft=hard, was=soft)
 
 
 class Daemon:
@@ -222,6 +239,7 @@ class Daemon:
         if recovery.pending_lines:
             log.info("spool has readings to deliver", readings=recovery.pending_lines)
         self.health.ok("spool")
+        self.health.backlog = self.spool.backlog
         # Everything built so far lives as long as the daemon: out of the cyclic GC's sight,
         # so its full collections stop walking it (measured: 46-144 ms pauses at 7k msg/s).
         gc.collect()
@@ -233,7 +251,7 @@ class Daemon:
         http = HttpServer(
             settings.http,
             self.health,
-            self.metrics.registry,
+            self.metrics,
             self.throttle,
             self.alerts,
             latest=self.latest,
@@ -333,14 +351,16 @@ class Daemon:
         await self._pass_gate()
         grace = self.settings.spool.shutdown_grace
         try:
-            # A full spool (the TSDB down) would wait for room forever: bound it.
+            # A full spool (the TSDB down) would wait for room forever, a failing disk retry
+            # forever: bound it.
             await asyncio.wait_for(
                 self.spool.commit(self._durable, self.alerts.save_if_changed), grace
             )
         except TimeoutError:
             log.warning(
-                "spool full at shutdown: the last messages stay unacknowledged;"
-                " the broker redelivers them at the next start"
+                "the last commit did not finish within spool.shutdown_grace (the spool full,"
+                " or its files not writable: see the errors before): the last messages stay"
+                " unacknowledged; the broker redelivers them at the next start"
             )
         await self.alerts.close()
         if self.members is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Health"]
@@ -18,6 +19,9 @@ class Health:
     """Components report ``ok`` or a problem; the daemon is healthy when all are ok."""
 
     ready: bool = False
+    backlog: Callable[[], dict[str, float]] | None = None
+    """What waits for the TSDB (the spool's readings, bytes and the oldest one's age),
+    measured at each report: a component's detail says what is wrong, this how much waits."""
     _components: dict[str, _State] = field(default_factory=dict)
 
     def ok(self, component: str, detail: str = "ok") -> None:
@@ -31,11 +35,14 @@ class Health:
         return all(state.ok for state in self._components.values())
 
     def report(self) -> dict[str, object]:
-        return {
+        report: dict[str, object] = {
             "status": "ok" if self.healthy else "degraded",
             "ready": self.ready,
-            "components": {
-                name: {"ok": state.ok, "detail": state.detail}
-                for name, state in sorted(self._components.items())
-            },
         }
+        if self.backlog is not None:
+            report["backlog"] = self.backlog()
+        report["components"] = {
+            name: {"ok": state.ok, "detail": state.detail}
+            for name, state in sorted(self._components.items())
+        }
+        return report

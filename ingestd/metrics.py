@@ -68,6 +68,12 @@ class Metrics:
             "ingestd_spool_records", "Readings in the spool not yet written to the TSDB", registry=r
         )
         self.spool_bytes = Gauge("ingestd_spool_bytes", "Bytes of spool on disk", registry=r)
+        self.spool_oldest = Gauge(
+            "ingestd_spool_oldest_seconds",
+            "How long the oldest reading not yet written to the TSDB has waited in the spool"
+            " (since its commit; 0 when none)",
+            registry=r,
+        )
         self.spool_full = Gauge(
             "ingestd_spool_full",
             "1 while the spool's disk budget is exhausted (acks stopped)",
@@ -230,6 +236,18 @@ class Metrics:
             "ingestd_notify_muted",
             "Notifications dropped in quiet hours (quiet_action: drop), by route",
             ["route"],
+            registry=r,
+        )
+        self.http_connections = Gauge(
+            "ingestd_http_connections", "Open connections to the HTTP endpoint", registry=r
+        )
+        self.http_closed = Counter(
+            "ingestd_http_connections_closed",
+            "HTTP connections ingestd closed itself, by reason: header_timeout (no whole"
+            " request head within http.header_timeout), idle (kept alive longer than"
+            " http.idle_timeout), evicted (the least recently active idle one, to make room"
+            " past http.max_connections), refused (past it with none idle)",
+            ["reason"],
             registry=r,
         )
         self.reconnects = Counter("ingestd_mqtt_reconnects", "MQTT reconnects", registry=r)

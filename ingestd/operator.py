@@ -176,9 +176,17 @@ def status(
 
     full = now.total("ingestd_spool_full") > 0
     spool_state = _paint("FULL: acks stopped", RED + BOLD, painted) if full else "not full"
+    # The backlog as /healthz measured it (what waits for the TSDB, and for how long).
+    backlog: dict[str, float] = health.get("backlog") or {
+        "readings": now.total("ingestd_spool_records"),
+        "bytes": now.total("ingestd_spool_bytes"),
+        "oldest_seconds": now.total("ingestd_spool_oldest_seconds"),
+    }
+    waiting = backlog.get("readings", 0.0)
+    oldest = f" (the oldest for {_duration(backlog.get('oldest_seconds', 0.0))})"
     lines.append(
-        f"spool: {_num(now.total('ingestd_spool_records'))} readings waiting, "
-        f"{_bytes(now.total('ingestd_spool_bytes'))} on disk, {spool_state}"
+        f"spool: {_num(waiting)} readings waiting{oldest if waiting else ''}, "
+        f"{_bytes(backlog.get('bytes', 0.0))} on disk, {spool_state}"
     )
     errors = now.by("ingestd_write_errors_total", "status")
     error_text = _num(sum(errors.values()))

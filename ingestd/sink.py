@@ -205,8 +205,11 @@ class _RetryingSink:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
+        # The batch in hand, not the backlog: that is the spool's (/healthz "backlog").
         self._health.problem(
-            "tsdb", f"{problem}; retrying in {delay:.1f}s; {batch.waiting} lines waiting"
+            "tsdb",
+            f"{problem}; retrying in {delay:.1f}s (this batch: {batch.waiting} readings;"
+            " what waits in all: backlog)",
         )
         if kind != self._problem or now - self._logged_at >= LOG_EVERY:
             self._problem, self._logged_at = kind, now

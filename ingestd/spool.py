@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import struct
 import time
 import zlib
@@ -37,6 +38,7 @@ from typing import Any
 
 from ingestd.config import SpoolSection
 from ingestd.deadletters import DeadLetter, DeadLetters
+from ingestd.durable import fsync_dir
 from ingestd.health import Health
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
@@ -63,6 +65,12 @@ KiB readings, influx.batch_size lines would be hundreds of MiB in memory, and mo
 InfluxDB takes in one request (max body 25 MB by default)."""
 # Receipt times remembered for redelivered messages: a few broker in-flight windows.
 _RECEIPTS_KEPT = 65536
+_RETRY = 1.0
+"""Seconds between attempts while the spool's files cannot be written or read (no file
+descriptor left, a full or failing disk): the health report says so meanwhile."""
+_TROUBLE = (OSError, sqlite3.Error)
+"""What a file operation of the spool (or the dead letters' SQLite) raises when the system
+refuses it for now. It must never end the commit or drain task: the daemon would exit."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -156,11 +164,17 @@ class Spool:
         self._read_fd = -1
         self._read_fd_segment = 0
         self._cursor = Position(1, 0)
+        self._saved_cursor = Position(1, 0)
+        self._oldest_ns = 0
+        """Commit time of the oldest record not yet released (0: none)."""
+        self._problems: dict[str, str] = {}
+        """What is wrong now, by kind (full, write, rotate, read, cursor, dead letters)."""
         self._unreleased_lines = 0
         self._read_ahead_lines = 0
         self._full = False
         self._closed = False
         self._committing_acks = 0
+        metrics.spool_oldest.set_function(self._oldest_age)  # computed when scraped
 
     # --- opening and recovery ---------------------------------------------------------
 
@@ -198,10 +212,12 @@ class Spool:
         for _, key, received_ns in receipts[-_RECEIPTS_KEPT:]:
             self._remember(key, received_ns)
         self._write_segment = numbers[-1]
-        self._segments[self._write_segment] = self._open_writer(self._write_segment)
-        self._committed = Position(self._write_segment, self._segments[self._write_segment])
-        self._read = self._cursor
+        self._write_fd, size = self._open_segment(self._write_segment)
+        self._segments[self._write_segment] = size
+        self._committed = Position(self._write_segment, size)
+        self._read = self._saved_cursor = self._cursor
         self._unreleased_lines = recovery.pending_lines
+        self._oldest_ns = self._head_ns()
         self._update_gauges()
         if self._read < self._committed:
             self._data_ready.set()
@@ -249,20 +265,18 @@ class Spool:
             return None
         return end, nlines, committed_ns, body[plen:]
 
-    def _open_writer(self, number: int) -> int:
-        """Open segment ``number`` for appending; returns its size. Touches no shared state
-        but the fd: it may run in the commit thread."""
-        if self._write_fd >= 0:
-            os.close(self._write_fd)
+    def _open_segment(self, number: int) -> tuple[int, int]:
+        """Open segment ``number`` for appending: (fd, size). Touches no shared state: it
+        may run in the commit thread; when it raises, nothing is left open."""
         path = self._dir / _segment_name(number)
-        self._write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        # The new file's directory entry must be durable before records in it are acked.
-        dir_fd = os.open(self._dir, os.O_RDONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return os.fstat(self._write_fd).st_size
+            # The new file's directory entry must be durable before records in it are acked.
+            fsync_dir(self._dir)
+            return fd, os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
 
     # --- intake (event loop thread) ---------------------------------------------------
 
@@ -355,35 +369,70 @@ class Spool:
         write = loop.run_in_executor(self._thread, self._write, pending)
         beside = asyncio.ensure_future(alongside()) if alongside is not None else None
         try:
-            end = await asyncio.shield(write)
+            while True:
+                try:
+                    end, now = await asyncio.shield(write)
+                    break
+                except _TROUBLE as exc:
+                    # No file descriptor left, a full or failing disk: the messages wait
+                    # unacknowledged (the broker keeps them, intake pauses at max_unacked)
+                    # and the same commit is tried again; ending here would end the daemon.
+                    self._trouble(
+                        "write",
+                        f"cannot write to the spool ({exc}): messages wait unacknowledged,"
+                        f" retrying every {_RETRY:g}s",
+                        exc,
+                    )
+                    await asyncio.sleep(_RETRY)
+                    write = loop.run_in_executor(self._thread, self._write, pending)
             if beside is not None:
                 await asyncio.shield(beside)
         except asyncio.CancelledError:
-            # The write goes on in its thread regardless: finish the bookkeeping and hand
-            # out its acks (in order, before any later commit's), then stop as asked.
-            end = await write
+            # A write in its thread goes on regardless: wait for it; if it made the records
+            # durable, finish the bookkeeping and hand out its acks (in order, before any
+            # later commit's), then stop as asked.
+            (written,) = await asyncio.gather(write, return_exceptions=True)
             if beside is not None:
                 await asyncio.gather(beside, return_exceptions=True)
-            self._committed_write(pending, end, started, on_durable)
+            if isinstance(written, BaseException):
+                self._committing_acks = 0  # never durable, never acked: the broker redelivers
+            else:
+                self._committed_write(pending, *written, started, on_durable)
             raise
-        self._committed_write(pending, end, started, on_durable)
-        if self._segments[self._write_segment] >= self._segment_bytes:
-            size = await loop.run_in_executor(self._thread, self._rotate)
-            self._segments[self._write_segment] = size
+        self._committed_write(pending, end, now, started, on_durable)
+        if self._segments.get(self._write_segment, 0) >= self._segment_bytes:
+            try:
+                size = await loop.run_in_executor(self._thread, self._rotate)
+            except OSError as exc:
+                # The records are safe in the current segment, which grows on until a
+                # later commit manages to start the next one.
+                self._trouble(
+                    "rotate",
+                    f"cannot start a new spool segment ({exc}); writing on in the current"
+                    " one, retrying at the next commit",
+                    exc,
+                )
+            else:
+                self._segments[self._write_segment] = size
+                self._solved("rotate")
 
     def _committed_write(
         self,
         pending: _Pending,
         end: int,
+        committed_ns: int,
         started: float,
         on_durable: Callable[[list[Any]], None],
     ) -> None:
         self._committing_acks = 0
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._solved("write")
         if pending.lines:
             # The file's own end, not a computed size: it stays right whatever happened.
             self._segments[self._write_segment] = end
             self._committed = Position(self._write_segment, end)
+            if not self._unreleased_lines:
+                self._oldest_ns = committed_ns
             self._unreleased_lines += len(pending.lines)
             self._metrics.readings.inc(len(pending.lines))
             self._data_ready.set()
@@ -402,52 +451,74 @@ class Spool:
                     " acknowledgements stopped, the broker is buffering; the TSDB must catch up"
                     " (check its health) or spool.max_bytes be raised"
                 )
-                self._health.problem("spool", message)
+                self._problems["full"] = message
+                self._report_health()
                 log.error("spool full", bytes=self._bytes(), max_bytes=self._max_bytes)
             self._space.clear()
             await self._space.wait()
         if self._full:
             self._full = False
             self._metrics.spool_full.set(0)
-            self._health.ok("spool")
+            self._problems.pop("full", None)
+            self._report_health()
             log.warning("spool has room again: acknowledgements resumed", bytes=self._bytes())
 
-    def _write(self, pending: _Pending) -> int:
+    def _write(self, pending: _Pending) -> tuple[int, int]:
         """Runs in the commit thread: dead letters, then the records, then fsync; returns
-        the segment's end offset."""
+        the segment's end offset and the records' commit time. May be tried again after it
+        raised: it starts where the last commit that made it ended."""
         if pending.letters:
             self._deadletters.add(pending.letters)
+            pending.letters = []  # stored: a retry of the records must not store them twice
+        committed = self._segments.get(self._write_segment, 0)
         if not pending.lines:
-            return self._segments.get(self._write_segment, 0)
+            return committed, 0
         lines = pending.lines
         now = time.time_ns()
-        # Written a record at a time: a commit of big readings is never copied whole.
-        for start, end in _records(lines):
-            payload = b"\n".join(lines[start:end])
-            # The receipts ride with the commit's last record: any record of it would do.
-            last = end == len(lines)
-            trailer = b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts) if last else b""
-            body = payload + trailer
-            header = _HEADER.pack(
-                _MAGIC,
-                _VERSION,
-                _KIND_READINGS,
-                len(payload),
-                len(trailer),
-                zlib.crc32(body),
-                end - start,
-                now,
-            )
-            data = memoryview(header + body)
-            while data:
-                written = os.write(self._write_fd, data)
-                data = data[written:]
-        os.fdatasync(self._write_fd)
-        return os.lseek(self._write_fd, 0, os.SEEK_END)
+        fd = self._write_fd
+        try:
+            if os.lseek(fd, 0, os.SEEK_END) != committed:
+                os.ftruncate(fd, committed)  # what a failed attempt left behind
+            # Written a record at a time: a commit of big readings is never copied whole.
+            for start, end in _records(lines):
+                payload = b"\n".join(lines[start:end])
+                # The receipts ride with the commit's last record: any record of it would do.
+                last = end == len(lines)
+                trailer = (
+                    b"".join(_RECEIPT.pack(k, ns) for k, ns in pending.receipts) if last else b""
+                )
+                body = payload + trailer
+                header = _HEADER.pack(
+                    _MAGIC,
+                    _VERSION,
+                    _KIND_READINGS,
+                    len(payload),
+                    len(trailer),
+                    zlib.crc32(body),
+                    end - start,
+                    now,
+                )
+                data = memoryview(header + body)
+                while data:
+                    written = os.write(fd, data)
+                    data = data[written:]
+            os.fdatasync(fd)
+        except BaseException:
+            # Never acknowledged: leave nothing a restart would take for committed records
+            # (the next attempt rewrites them whole, so a failed fsync is not trusted either).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, committed)
+            raise
+        return os.lseek(fd, 0, os.SEEK_END), now
 
     def _rotate(self) -> int:
+        """Runs in the commit thread: the next segment becomes the one written, once it is
+        open (a failure changes nothing); returns its size."""
+        fd, size = self._open_segment(self._write_segment + 1)
+        os.close(self._write_fd)
+        self._write_fd = fd
         self._write_segment += 1
-        return self._open_writer(self._write_segment)
+        return size
 
     # --- drain side (event loop thread) -----------------------------------------------
 
@@ -458,10 +529,34 @@ class Spool:
         Whole records, until ``max_lines`` lines or ``max_bytes`` bytes are reached."""
         while self._read >= self._committed:
             self._data_ready.clear()
-            await self._data_ready.wait()
+            if "cursor" in self._problems:  # idle: a moment to record the cursor again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._data_ready.wait(), _RETRY)
+                self._save_cursor()
+            else:
+                await self._data_ready.wait()
         if linger and self._unreleased_lines - self._read_ahead_lines < max_lines:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full_batch(max_lines), linger)
+        while True:
+            try:
+                batch = self._read_records(max_lines, max_bytes)
+            except OSError as exc:
+                # A segment cannot be opened (no file descriptor left) or read: the
+                # drainer waits and tries again; raised, it would end the daemon.
+                self._trouble(
+                    "read",
+                    f"cannot read the spool ({exc}): nothing goes to the TSDB meanwhile,"
+                    f" retrying every {_RETRY:g}s",
+                    exc,
+                )
+                await asyncio.sleep(_RETRY)
+                continue
+            self._solved("read")
+            return batch
+
+    def _read_records(self, max_lines: int, max_bytes: int) -> Batch:
+        """Whole records from the read position on; on OSError nothing has moved."""
         lines: list[bytes] = []
         size = 0
         committed_ns = 0
@@ -488,15 +583,36 @@ class Spool:
             self._data_ready.clear()
             await self._data_ready.wait()
 
-    def _pread(self, position: Position) -> bytes:
-        if self._read_fd_segment != position.segment:
+    def _segment_fd(self, segment: int) -> int:
+        """The read fd, on ``segment``."""
+        if self._read_fd_segment != segment or self._read_fd < 0:
             if self._read_fd >= 0:
                 os.close(self._read_fd)
-            self._read_fd = os.open(self._dir / _segment_name(position.segment), os.O_RDONLY)
-            self._read_fd_segment = position.segment
-        header = os.pread(self._read_fd, _HEADER.size, position.offset)
+                self._read_fd = -1  # closed even if the next open fails
+            self._read_fd = os.open(self._dir / _segment_name(segment), os.O_RDONLY)
+            self._read_fd_segment = segment
+        return self._read_fd
+
+    def _pread(self, position: Position) -> bytes:
+        fd = self._segment_fd(position.segment)
+        header = os.pread(fd, _HEADER.size, position.offset)
         _, _, _, plen, tlen, *_ = _HEADER.unpack(header)
-        return header + os.pread(self._read_fd, plen + tlen, position.offset + _HEADER.size)
+        return header + os.pread(fd, plen + tlen, position.offset + _HEADER.size)
+
+    def _head_ns(self) -> int:
+        """Commit time of the first record not yet released (0: none), read from its
+        header. The page was written or read a moment ago: no disk read in practice."""
+        position = self._cursor
+        while position < self._committed:
+            if position.offset >= self._segments.get(position.segment, 0):
+                position = Position(position.segment + 1, 0)
+                continue
+            try:
+                header = os.pread(self._segment_fd(position.segment), _HEADER.size, position.offset)
+                return int(_HEADER.unpack(header)[-1])
+            except (OSError, struct.error):
+                return self._oldest_ns or time.time_ns()  # only the age shown is off
+        return 0
 
     def release(self, batch: Batch) -> None:
         """The TSDB has everything in ``batch``: forget it, and free whole segments."""
@@ -504,23 +620,59 @@ class Spool:
         if end.segment < self._write_segment and end.offset >= self._segments.get(end.segment, 0):
             end = Position(end.segment + 1, 0)  # that segment is done: free it now
         self._cursor = end
-        tmp = self._dir / "cursor.tmp"
-        tmp.write_text(f"{end.segment} {end.offset}\n")
-        tmp.replace(self._dir / "cursor")  # a stale cursor only replays: writes are idempotent
-        for number in [n for n in self._segments if n < end.segment]:
-            del self._segments[number]
-            (self._dir / _segment_name(number)).unlink(missing_ok=True)
         self._unreleased_lines -= len(batch.lines)
         self._read_ahead_lines -= len(batch.lines)
+        self._oldest_ns = self._head_ns() if self._unreleased_lines else 0
+        self._save_cursor()
         self._update_gauges()
         self._space.set()
         self._released.set()
 
+    def _save_cursor(self) -> None:
+        """Record the cursor on disk, then delete the segments before it. A stale cursor
+        only replays readings the TSDB has (they overwrite themselves): one that cannot be
+        written (no file descriptor left, a full disk) keeps those segments, and their
+        space, until a later release or the idle drainer records it."""
+        end = self._cursor
+        try:
+            if end != self._saved_cursor:
+                tmp = self._dir / "cursor.tmp"
+                tmp.write_text(f"{end.segment} {end.offset}\n")
+                tmp.replace(self._dir / "cursor")  # no promise follows: no directory fsync
+                self._saved_cursor = end
+            for number in sorted(n for n in self._segments if n < end.segment):
+                (self._dir / _segment_name(number)).unlink(missing_ok=True)
+                del self._segments[number]
+                self._update_gauges()
+                self._space.set()  # a commit may be waiting for this room
+        except OSError as exc:
+            self._trouble(
+                "cursor",
+                f"cannot record what the TSDB has taken ({exc}); retrying, nothing is lost"
+                " but the spool's disk space is not freed meanwhile",
+                exc,
+            )
+            return
+        self._solved("cursor")
+
     async def add_deadletters(self, letters: Sequence[DeadLetter]) -> None:
-        """Store dead letters found after the commit (lines the TSDB refused)."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._deadletters.add, letters
-        )
+        """Store dead letters found after the commit (lines the TSDB refused); while they
+        cannot be stored, the drainer waits (they are still in the spool)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._thread, self._deadletters.add, letters)
+            except _TROUBLE as exc:
+                self._trouble(
+                    "deadletters",
+                    f"cannot store the lines the TSDB refused as dead letters ({exc});"
+                    f" the drainer waits, retrying every {_RETRY:g}s",
+                    exc,
+                )
+                await asyncio.sleep(_RETRY)
+                continue
+            self._solved("deadletters")
+            return
 
     async def drained(self) -> None:
         """Return once everything committed has been released."""
@@ -532,6 +684,39 @@ class Spool:
 
     def _bytes(self) -> int:
         return sum(self._segments.values())
+
+    def _trouble(self, kind: str, problem: str, error: BaseException) -> None:
+        """Something the spool must retry: health says so, the log once per episode."""
+        if kind not in self._problems:
+            log.error(problem, error=str(error))
+        self._problems[kind] = problem
+        self._report_health()
+
+    def _solved(self, kind: str) -> None:
+        if self._problems.pop(kind, None) is not None:
+            log.warning("spool recovered", was=kind)
+            self._report_health()
+
+    def _report_health(self) -> None:
+        if self._problems:
+            self._health.problem("spool", "; ".join(self._problems.values()))
+        else:
+            self._health.ok("spool")
+
+    def _oldest_age(self) -> float:
+        """Seconds the oldest unreleased reading has waited since its commit (0: none).
+        Reads one int: safe from the thread that renders /metrics."""
+        oldest = self._oldest_ns
+        return max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+
+    def backlog(self) -> dict[str, float]:
+        """What waits for the TSDB: readings, bytes on disk, and how long the oldest of them
+        has waited (since its commit), in seconds."""
+        return {
+            "readings": self._unreleased_lines,
+            "bytes": self._bytes(),
+            "oldest_seconds": round(self._oldest_age(), 3),
+        }
 
     @property
     def pending_lines(self) -> int:
@@ -556,6 +741,8 @@ class Spool:
             return
         self._closed = True
         self._thread.shutdown(wait=True)
+        if "cursor" in self._problems:
+            self._save_cursor()  # a last try: the next start replays less
         for fd in (self._write_fd, self._read_fd):
             if fd >= 0:
                 os.close(fd)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,13 @@ class DaemonProcess:
     command: tuple[str, ...] = (sys.executable, "-m", "ingestd")
     """What runs ingestd's command line (a fault test runs a wrapper that injects one)."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self, tmp: Path, config: dict[str, Any], preexec_fn: Callable[[], None] | None = None
+    ) -> None:
+        """``preexec_fn`` runs in the child before ``ingestd run`` starts (e.g. to set its
+        resource limits)."""
         tmp.mkdir(parents=True, exist_ok=True)
+        self.preexec_fn = preexec_fn
         self.config = config
         self.config_path = tmp / "ingestd.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -77,6 +83,7 @@ class DaemonProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=REPO,
+                preexec_fn=self.preexec_fn,  # noqa: PLW1509 - tests pass setrlimit only: no locks
             )
         if wait_ready:
             self.wait(

@@ -34,6 +34,7 @@ from daemon import REPO, DaemonProcess, daemon_config
 from services import http_request
 
 from ingestd import __version__
+from ingestd.config import HttpSection
 from ingestd.systemd import SystemdNotify
 
 UNIT = REPO / "deploy" / "ingestd.service"
@@ -240,6 +241,15 @@ def test_unit_stop_timeout_exceeds_the_shutdown_drain() -> None:
     assert int(stop.group(1)) > 2 * SpoolSection().shutdown_grace + 10
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30s", "User=ingestd"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+
+
+def test_unit_gives_ingestd_room_for_its_file_descriptors() -> None:
+    """systemd's default soft limit, 1024, was once used up by idle HTTP sockets: the spool
+    could not write and the daemon exited. The unit raises it (so does `ingestd run`, up to
+    the hard limit; the HTTP endpoint caps its connections besides)."""
+    limit = re.search(r"^LimitNOFILE=(\d+)$", UNIT.read_text(), re.M)
+    assert limit is not None, "deploy/ingestd.service sets no LimitNOFILE"
+    assert int(limit.group(1)) >= max(8192, 16 * HttpSection().max_connections)
 
 
 # --- sd_notify ------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class Served:
         self.health = Health(ready=True)
         self.health.ok("spool")
         self.latest = Latest(LatestSection(), Metrics(), self.health)  # memory backend
-        self.server = HttpServer(section, self.health, Metrics().registry, latest=self.latest)
+        self.server = HttpServer(section, self.health, Metrics(), latest=self.latest)
 
     def call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)

@@ -4,6 +4,7 @@ its TSDB down) and ``ingestd tail`` following real alert events through Mosquitt
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,9 +13,11 @@ from typing import IO, Any
 
 import orjson
 from conftest import ServiceFactory
-from daemon import REPO, DaemonProcess, daemon_config
+from daemon import REPO, DaemonProcess, daemon_config, expected_keys, seqs_in_victoria
 from services import Mosquitto, VictoriaMetrics, free_port
 from test_alerts_e2e import Watcher, reading, wait_for, write_rules
+
+from ingestd.simulate import Fleet
 
 ESC = "\x1b["
 
@@ -102,6 +105,69 @@ def test_status_names_the_tsdb_problem_and_exits_1_when_the_tsdb_is_down(
         assert daemon.terminate() == 0
     finally:
         watcher.close()
+        daemon.close()
+
+
+def test_healthz_and_status_show_the_whole_backlog_and_its_age_while_the_tsdb_is_down(
+    tmp_path: Path, mosquitto: Mosquitto, services: ServiceFactory, unique: str
+) -> None:
+    """During an outage /healthz once said only "11 lines waiting" (the sink's batch in
+    hand) while the spool held about 4,500 readings: now it says how many wait and since
+    when, and so does `ingestd status`."""
+    prefix = f"b{unique}"
+    tsdb = services.victoria_metrics()
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        prefix,
+        {"url": tsdb.url, "batch_size": 50, "backoff_max": "300ms", "timeout": "1s"},
+    )
+    daemon = DaemonProcess(tmp_path, config).start()
+    try:
+        Fleet(mosquitto.url, devices=10, prefix=prefix).run(rate=2000, count=200)
+        daemon.wait(lambda: daemon.metric("ingestd_points_written_total") >= 200, "writing")
+        assert daemon.health()[1]["backlog"]["readings"] == 0
+
+        tsdb.stop()
+        Fleet(mosquitto.url, devices=10, prefix=prefix, first=10).run(rate=500, count=3000)
+        daemon.wait(lambda: daemon.metric("ingestd_messages_accepted_total") >= 3200, "spooled")
+        code, first = daemon.health()
+        assert code == 503
+        backlog = first["backlog"]
+        # every reading published during the outage is held, however small the batch in hand
+        assert backlog["readings"] == daemon.metric("ingestd_spool_records") >= 3000
+        assert backlog["bytes"] == daemon.metric("ingestd_spool_bytes") > 0
+        assert backlog["oldest_seconds"] > 0
+        in_hand = re.search(r"this batch: (\d+) readings", first["components"]["tsdb"]["detail"])
+        assert in_hand and int(in_hand[1]) <= 50  # the sink's batch, told apart from the backlog
+        daemon.wait(
+            lambda: daemon.health()[1]["backlog"]["oldest_seconds"] > backlog["oldest_seconds"],
+            "the backlog's age growing",
+        )
+        assert daemon.metric("ingestd_spool_oldest_seconds") > backlog["oldest_seconds"]
+
+        result = ingestd("status", "--config", str(config_path := daemon.config_path))
+        assert result.returncode == 1, result.stdout + result.stderr
+        waiting = next(line for line in result.stdout.splitlines() if line.startswith("spool:"))
+        assert re.fullmatch(
+            rf"spool: {int(backlog['readings'])} readings waiting \(the oldest for [0-9.]+s\),"
+            r" [0-9.]+ KiB on disk, not full",
+            waiting,
+        ), waiting
+
+        tsdb.start()
+        found = seqs_in_victoria(tsdb, prefix, 3200)
+        before = expected_keys(10, 20)  # esp32-00000..9, 20 readings each
+        during = expected_keys(20, 300) - expected_keys(10, 300)  # esp32-00010..19, 300 each
+        assert found.keys() == before | during
+        assert all(len(set(stamps)) == 1 for stamps in found.values())
+        daemon.wait(lambda: daemon.health()[0] == 200, "healthy again")
+        after = daemon.health()[1]["backlog"]
+        assert after["readings"] == 0 and after["oldest_seconds"] == 0
+        result = ingestd("status", "--config", str(config_path))
+        assert "spool: 0 readings waiting, " in result.stdout
+        assert daemon.terminate() == 0
+    finally:
         daemon.close()
 
 

@@ -399,7 +399,7 @@ def test_tsdb_outage_waits_and_recovers(services: Any, measurement: str) -> None
     run, (detail, healthy), logs = asyncio.run(scenario())
     assert healthy == "False"
     assert f"cannot reach the TSDB at {vm.url}" in detail
-    assert "100 lines waiting" in detail
+    assert "this batch: 100 readings" in detail
     assert "retrying in" in detail
     assert run.health.healthy
     assert run.detail == "ok"
@@ -444,7 +444,7 @@ def test_rejected_credentials_keep_the_data_and_say_what_to_fix(
         run, detail, logs = asyncio.run(scenario())
     assert f"({status}: {reason})" in detail
     assert fix in detail
-    assert "40 lines waiting" in detail
+    assert "this batch: 40 readings" in detail
     assert run.errors(str(status)) >= 5
     assert target.read(measurement, 40) == expected_ms(40)
     assert run.health.healthy

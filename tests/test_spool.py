@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +348,116 @@ def test_big_readings_are_cut_into_records_and_batches_of_bounded_bytes(tmp_path
         for batch in batches:
             assert sum(map(len, batch)) <= (4 << 20) + len(huge), [len(b) for b in batch]
         assert len(batches) >= 2
+
+
+class FilesExhausted:
+    """Every file descriptor this process may open taken, under a lowered soft limit: the
+    next open fails with EMFILE, as it did in the daemon once 1,000 idle HTTP sockets held
+    the rest (a real exhaustion, not a stand-in). ``release()`` gives them back."""
+
+    def __init__(self) -> None:
+        self._limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._held: list[int] = []
+
+    def __enter__(self) -> FilesExhausted:
+        soft, hard = self._limits
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, in_use + 64), hard))
+        while True:
+            try:
+                self._held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                return self
+
+    def release(self) -> None:
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
+        resource.setrlimit(resource.RLIMIT_NOFILE, self._limits)
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {within}s"
+        await asyncio.sleep(0.02)
+
+
+def spool_detail(spool: Spool) -> str:
+    components = spool._health.report()["components"]
+    assert isinstance(components, dict)
+    return str(components["spool"]["detail"])
+
+
+def test_no_file_descriptor_left_degrades_health_and_the_spool_retries(tmp_path: Path) -> None:
+    """EMFILE in the cursor write (the drainer's release) and in a segment rotation (a
+    commit): nothing raises (a task that raises ends the daemon), health says what is
+    wrong, the records are acknowledged as usual, and all is done once descriptors free."""
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path, segment_bytes=1)  # every commit starts a new segment
+        spool.open()
+        acked: list[Any] = []
+        spool.append(lines_for(1), "a", 1, 1)
+        await spool.commit(acked.extend)
+        batch = await spool.read_batch(100, linger=0)
+        with FilesExhausted() as files:
+            spool.release(batch)  # the TSDB took it; the cursor cannot be written
+            assert "cannot record what the TSDB has taken" in spool_detail(spool)
+            spool.append(lines_for(1, 1), "b", 2, 2)
+            await spool.commit(acked.extend)  # written in the current segment, acked
+            assert acked == ["a", "b"]
+            detail = spool_detail(spool)
+            assert "cannot start a new spool segment" in detail
+            assert "Too many open files" in detail
+            assert not spool._health.healthy
+            files.release()
+        # the idle drainer records the cursor by itself; the next commit rotates
+        batch = await asyncio.wait_for(spool.read_batch(100, linger=0), 10)
+        assert batch.lines == lines_for(1, 1)
+        spool.release(batch)
+        spool.append(lines_for(1, 2), "c", 3, 3)
+        await spool.commit(acked.extend)
+        assert spool._health.healthy, spool_detail(spool)
+        assert (tmp_path / "cursor").read_text().split()[0] == str(batch.end.segment)
+        assert await drain_all(spool) == lines_for(1, 2)
+        spool.close()
+
+    asyncio.run(scenario())
+
+    async def reopen() -> int:
+        spool = make_spool(tmp_path, segment_bytes=1)
+        recovery = spool.open()
+        spool.close()
+        return recovery.pending_lines
+
+    assert asyncio.run(reopen()) == 0  # nothing lost, nothing replayed twice
+    assert len(list(tmp_path.glob("*.seg"))) == 1  # the released segments were freed
+
+
+def test_an_idle_drainer_records_the_cursor_once_descriptors_are_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        spool.append(lines_for(3), "a", 1, 1)
+        await spool.commit(lambda acks: None)
+        batch = await spool.read_batch(100, linger=0)
+        with FilesExhausted() as files:
+            spool.release(batch)
+            reading = asyncio.create_task(spool.read_batch(100, linger=0))  # idle: waits
+            await asyncio.sleep(0)
+            assert not spool._health.healthy
+            files.release()
+        await until(lambda: spool._health.healthy, "the cursor recorded by the idle drainer")
+        assert (tmp_path / "cursor").read_text().split() == [
+            str(batch.end.segment),
+            str(batch.end.offset),
+        ]
+        reading.cancel()
         spool.close()
 
     asyncio.run(scenario())
@@ -356,3 +470,111 @@ def test_records_are_cut_at_a_mebibyte_or_a_thousand_lines() -> None:
     big = [b"x" * (300 << 10)] * 7  # three fit in 1 MiB, four do not
     assert cut(big) == [(0, 3), (3, 6), (6, 7)]
     assert cut([b"x" * (2 << 20), b"y"]) == [(0, 1), (1, 2)]  # a longer line: alone
+
+
+def test_a_failed_spool_write_is_retried_whole_and_acked_only_once_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that refuses a write (ENOSPC after part of it): the messages wait, health
+    says so, the commit task goes on, and the retry leaves no torn record behind."""
+    real_write = os.write
+    failures = {"left": 3}
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+
+        def failing_write(fd: int, data: Any) -> int:
+            if failures["left"] and fd == spool._write_fd:  # the segment's writes only
+                failures["left"] -= 1
+                real_write(fd, bytes(data[:50]))  # part of it reached the file
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        acked: list[Any] = []
+        for i, line in enumerate(lines_for(20)):
+            spool.append([line], i, i, i)
+        monkeypatch.setattr(spool_module.os, "write", failing_write)
+        commit = asyncio.create_task(spool.commit(acked.extend))
+        await until(lambda: commit.done() or not spool._health.healthy, "health degraded")
+        assert not commit.done(), f"the commit task ended: {commit.exception()!r}"
+        assert "No space left on device" in spool_detail(spool)
+        assert acked == []  # not durable, not acknowledged
+        await asyncio.wait_for(commit, 20)  # retried every second until the disk takes it
+        assert acked == list(range(20))
+        assert spool._health.healthy
+        assert await drain_all(spool) == lines_for(20)
+        spool.close()
+
+    asyncio.run(scenario())
+    spool = make_spool(tmp_path)
+    recovery = spool.open()
+    spool.close()
+    assert recovery.torn_bytes == 0 and recovery.pending_lines == 0
+
+
+def test_the_backlog_counts_every_reading_held_and_the_age_of_the_oldest(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        spool = make_spool(tmp_path, segment_bytes=64 << 10)
+        spool.open()
+        assert spool.backlog() == {"readings": 0, "bytes": 0, "oldest_seconds": 0.0}
+        for round_ in range(3):
+            for i, line in enumerate(lines_for(1000, round_ * 1000)):
+                spool.append([line], i, i, i)
+            await spool.commit(lambda acks: None)
+        first = spool.backlog()
+        assert first["readings"] == 3000 and first["bytes"] > 0
+        await until(lambda: spool.backlog()["oldest_seconds"] > first["oldest_seconds"], "age")
+        # the drainer takes the first commit's records: the oldest is the second commit's
+        batch = await spool.read_batch(1000, linger=0)
+        spool.release(batch)
+        after = spool.backlog()
+        assert after["readings"] == 2000 and after["oldest_seconds"] > 0
+        await drain_all(spool)
+        after = spool.backlog()
+        assert after["readings"] == 0 and after["oldest_seconds"] == 0.0
+        spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_dead_letters_the_disk_refuses_hold_their_acks_and_are_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite refusing the dead letters (a full disk: "database or disk is full") in a
+    commit, and later the lines the TSDB refused: retried, never stored twice, acked after."""
+    refusals = {"left": 2}
+
+    async def scenario() -> None:
+        spool = make_spool(tmp_path)
+        spool.open()
+        real_add = spool._deadletters.add
+
+        def refusing_add(letters: Any) -> None:
+            if refusals["left"]:
+                refusals["left"] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            real_add(letters)
+
+        monkeypatch.setattr(spool._deadletters, "add", refusing_add)
+        acked: list[Any] = []
+        spool.reject(DeadLetter(1, "t", "malformed", "x", 3, b"abc"), "bad")
+        spool.append(lines_for(1), "good", 1, 1)
+        commit = asyncio.create_task(spool.commit(acked.extend))
+        await until(lambda: commit.done() or not spool._health.healthy, "health degraded")
+        assert not commit.done(), f"the commit task ended: {commit.exception()!r}"
+        assert "database or disk is full" in spool_detail(spool)
+        assert acked == []
+        await asyncio.wait_for(commit, 20)
+        assert acked == ["bad", "good"] and spool._health.healthy
+        refusals["left"] = 1
+        refused = DeadLetter(2, "", "tsdb_refused", "400: bad", 3, b"xyz")
+        await asyncio.wait_for(spool.add_deadletters([refused]), 20)  # the drainer's
+        assert spool._health.healthy
+        reasons = [letter.reason for letter in spool._deadletters.list()]
+        assert reasons == ["tsdb_refused", "malformed"]
+        spool.close()
+
+    asyncio.run(scenario())
