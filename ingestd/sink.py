@@ -17,6 +17,7 @@ One retry loop serves both APIs; each API only provides "send one request".
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import gzip
 import json
@@ -299,10 +300,13 @@ class _V1:
         self._session: aiohttp.ClientSession | None = None
         self._endpoint = section.url.rstrip("/") + "/write"
         self._params = {"db": section.database, "precision": "ns"}
-        if section.username:
-            self._params["u"] = section.username
-        if section.password:
-            self._params["p"] = section.password.get_secret_value()
+        # Basic authentication, not ?u=&p=: a password in the URL ends up in proxies' access
+        # logs and in any error message that quotes the request.
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if section.username or section.password:
+            password = section.password.get_secret_value() if section.password else ""
+            credentials = f"{section.username or ''}:{password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
         db = f"database {section.database!r}"
         self.hints = {
             401: (
@@ -320,10 +324,10 @@ class _V1:
         if self._session is None:  # must be made inside the event loop
             timeout = aiohttp.ClientTimeout(total=self._section.timeout)
             self._session = aiohttp.ClientSession(timeout=timeout)
-        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        headers = self._headers
         if self._section.gzip:
             body = await asyncio.to_thread(gzip.compress, body, _GZIP_LEVEL)
-            headers["Content-Encoding"] = "gzip"
+            headers = {**headers, "Content-Encoding": "gzip"}
         async with self._session.post(
             self._endpoint, params=self._params, data=body, headers=headers
         ) as response:

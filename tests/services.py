@@ -455,8 +455,10 @@ class VictoriaMetrics(Service):
 class InfluxDB1(Service):
     name = "influxd"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, auth: bool = False, **kwargs: Any) -> None:
+        """``auth``: authentication on; the first user made with :meth:`create_admin`."""
         self.binary = find_binary("influxd")
+        self.auth = auth
         super().__init__(**kwargs)
         # influxd also listens on an RPC port (backup/restore, default 8088); a fixed one
         # would make two instances collide.
@@ -494,6 +496,7 @@ bind-address = "{self.host}:{self.rpc_port}"
 [http]
   bind-address = "{self.host}:{self.port}"
   log-enabled = false
+  auth-enabled = {"true" if self.auth else "false"}
 
 [monitor]
   store-enabled = false
@@ -511,6 +514,20 @@ bind-address = "{self.host}:{self.rpc_port}"
         response = http_request("GET", f"{self.url}/ping", timeout=1)
         if response.status != 204:
             raise ServiceError(f"/ping returned {response.status}")
+
+    def create_admin(self, user: str, password: str) -> None:
+        """The first user of an instance with ``auth``: an admin (influxd lets the first
+        user be made without credentials)."""
+        response = http_request(
+            "POST",
+            f"{self.url}/query",
+            urllib.parse.urlencode(
+                {"q": f"CREATE USER {user} WITH PASSWORD '{password}' WITH ALL PRIVILEGES"}
+            ),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        if response.status != 200 or "error" in response.text:
+            raise ServiceError(f"influxd: cannot create user {user}: {response.text}")
 
     def query(
         self, db: str, influxql: str, *, epoch: str | None = "ns", method: str = "GET"

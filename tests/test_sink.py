@@ -8,17 +8,20 @@ server. Backoff caps are small so retries take tenths of a second.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import time
+import urllib.parse
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
 import structlog
+from conftest import ServiceFactory
 from faultserver import FaultServer
 from pydantic import SecretStr
-from services import InfluxDB1, VictoriaMetrics
+from services import InfluxDB1, VictoriaMetrics, http_request
 
 from ingestd.config import InfluxSection
 from ingestd.health import Health
@@ -201,11 +204,36 @@ def test_v1_request_carries_database_precision_and_credentials(
         asyncio.run(write_all(section, [lines]))
     (request,) = fs.requests
     assert request.path == "/write"
-    assert request.query == {"db": unique, "precision": "ns", "u": "farmer", "p": "pw"}
+    # The credentials travel in the Authorization header, never in the URL (proxy logs,
+    # error messages quoting the request).
+    assert request.query == {"db": unique, "precision": "ns"}
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"farmer:pw").decode()
     assert request.headers["Content-Encoding"] == "gzip"
     assert request.body == b"\n".join(lines)
-    # influxd without auth enabled ignores u and p.
+    # influxd without auth enabled ignores the credentials.
     assert target.read(measurement, 5) == expected_ms(5)
+
+
+def test_v1_credentials_are_accepted_by_influxd_with_authentication_on(
+    services: ServiceFactory, measurement: str
+) -> None:
+    influx = services.influxdb1(auth=True)
+    influx.create_admin("farmer", "pa:ss w0rd")
+    basic = {"Authorization": "Basic " + base64.b64encode(b"farmer:pa:ss w0rd").decode()}
+    http_request("POST", f"{influx.url}/query?q=CREATE+DATABASE+farm", headers=basic)
+    section = InfluxSection(
+        url=influx.url,
+        api="v1",
+        database="farm",
+        username="farmer",
+        password=SecretStr("pa:ss w0rd"),
+        backoff_max=0.2,
+    )
+    asyncio.run(write_all(section, [make_lines(measurement, 5)]))
+    query = urllib.parse.urlencode({"db": "farm", "q": f'SELECT v FROM "{measurement}"'})
+    result = http_request("GET", f"{influx.url}/query?epoch=ms&{query}", headers=basic).json()
+    stored = sorted(row[0] for s in result["results"][0]["series"] for row in s["values"])
+    assert stored == expected_ms(5)
 
 
 # --- retriable trouble ------------------------------------------------------------------
