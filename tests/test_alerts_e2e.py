@@ -135,7 +135,7 @@ def test_alert_fires_is_acknowledged_over_mqtt_and_resolves_with_retained_state(
         ).stdout
         assert firing["id"] in listing
 
-        watcher.publish(f"alerts/ack/{firing['id']}", b"night-shift")
+        watcher.publish(f"alerts/ack/{firing['id']}/night-shift", b"")
         wait_for(lambda: watcher.events("acknowledged"), "the acknowledgement event")
         assert watcher.events("acknowledged")[0]["acknowledged_by"] == "night-shift"
 
