@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_PASSWD",
     "DeviceCredentials",
     "OperatorCredentials",
+    "acl_blocks",
     "add_device",
     "add_operator",
     "default_device_pattern",
@@ -255,7 +256,7 @@ class OperatorCredentials:
     """True when the operator's block was added to the ACL file (else it was there)."""
 
 
-def _acl_blocks(text: str) -> dict[str, list[str]]:
+def acl_blocks(text: str) -> dict[str, list[str]]:
     """``user`` -> the lines of its block (comments and blank lines left out)."""
     blocks: dict[str, list[str]] = {}
     current: list[str] | None = None
@@ -301,7 +302,7 @@ def add_operator(
         raise UsageError(
             f"{acl_file} does not exist (--acl): install mosquitto/acl first"
         ) from None
-    blocks = _acl_blocks(text)
+    blocks = acl_blocks(text)
     wanted = operator_block(name).splitlines()[1:]
     if name in blocks and blocks[name] != wanted:
         raise UsageError(

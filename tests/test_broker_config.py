@@ -51,6 +51,7 @@ from services import (
 SHIPPED_CONF = REPO / "mosquitto" / "ingestd-gateway.conf"
 SHIPPED_ACL = REPO / "mosquitto" / "acl"
 SHIPPED_TLS = REPO / "mosquitto" / "tls.conf"
+CLUSTER_ACL = REPO / "deploy" / "cluster" / "acl"
 README = REPO / "mosquitto" / "README.md"
 NOT_AUTHORIZED = 5  # MQTT 3.1.1 CONNACK return code
 PUBACK_NOT_AUTHORIZED = 0x87
@@ -154,9 +155,10 @@ def tls_refusal(host: str, port: int, context: ssl.SSLContext, username: str, pa
 class GatewayMosquitto(Mosquitto):
     """Mosquitto with mosquitto/ingestd-gateway.conf and mosquitto/acl as shipped."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], acl: Path = SHIPPED_ACL) -> None:
         self.passwd_binary = find_binary("mosquitto_passwd")
         self.users = users
+        self.acl = acl
         super().__init__()
         self.passwd_file = self.dir / "passwd"
         self.acl_file = self.dir / "acl"
@@ -169,7 +171,7 @@ class GatewayMosquitto(Mosquitto):
                 check=True,
                 capture_output=True,
             )
-        self.acl_file.write_bytes(SHIPPED_ACL.read_bytes())
+        self.acl_file.write_bytes(self.acl.read_bytes())
         self.config_path.write_text(rewrite_config(SHIPPED_CONF.read_text(), self.port, self.dir))
         if os.geteuid() == 0:
             # The shipped config keeps mosquitto's default of dropping root for the user
@@ -1401,3 +1403,35 @@ def test_add_operator_adds_one_block_and_refuses_other_accounts(
         assert result.returncode == 2, (name, result.stdout, result.stderr)
         assert says in result.stderr, (name, result.stderr)
         assert (gateway.acl_file.read_bytes(), gateway.passwd_file.read_bytes()) == before
+
+
+def test_the_cluster_acl_gives_each_instance_an_account_and_a_session_of_its_own() -> None:
+    instances = {"ingestd-a": "instance-a-Pa55", "ingestd-b": "instance-b-Pa55"}
+    broker = start_service(lambda: GatewayMosquitto({**USERS, **instances}, CLUSTER_ACL))
+    opened: list[Client] = []
+    try:
+        for user, password in instances.items():
+            # Both send the same client id: each still gets the session of its account.
+            client = Client(broker, user, password, client_id="ingestd", session_expiry=3600)
+            opened.append(client)
+            assert client.subscribe("$share/ingestd/farm/+/+/+", "alerts/ack/#") == [1, 1]
+        device = Client(broker, "esp32-a", USERS["esp32-a"])
+        opened.append(device)
+        sent = [f'{{"seq": {n}}}'.encode() for n in range(40)]
+        device.publish_many([("farm/site1/esp32-a/reservoir", p) for p in sent])
+        instance_a, instance_b = opened[:2]
+
+        def received() -> list[bytes]:
+            return [p for c in (instance_a, instance_b) for _, p in list(c.messages)]
+
+        wait_until(lambda: len(received()) >= len(sent), "every reading at one instance")
+        assert sorted(received()) == sorted(sent)  # each once
+        assert instance_a.messages and instance_b.messages, "one instance got them all"
+        assert instance_a.connects == instance_b.connects == 1, "an instance was thrown out"
+        # An instance passes an acknowledgement it was given over HTTP on to the others.
+        assert instance_b.publish("alerts/ack/a1b2/night-shift", b"") == 0
+        instance_a.wait_for("alerts/ack/a1b2/night-shift", b"")
+    finally:
+        for client in opened:
+            client.close()
+        broker.close()
