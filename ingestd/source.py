@@ -146,7 +146,9 @@ class MqttSource:
         self._session = SessionRecord(state_dir / "mqtt_session.json")
         self._session_trouble = False
         """This connection lost the session: pause before the next, so that ingestd and
-        the client holding its id do not throw each other out once a second."""
+        the client holding its id do not throw each other out once a second (cleared once
+        the connection has lasted a while: then it was no such fight)."""
+        self._connected_at = 0.0
         self._taken_over_at: float | None = None
         self._alarm: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -354,6 +356,8 @@ class MqttSource:
                 self._client.loop_misc()
             if self._connected.is_set() and self._session.due():
                 self._session.seen(self._identity(), self._expiry(), time.time())
+                if time.monotonic() - self._connected_at >= _SEEN_EVERY:
+                    self._session_trouble = False
 
     # --- the broker session ---------------------------------------------------------------
 
@@ -448,6 +452,7 @@ class MqttSource:
         self._metrics.connected.set(1)
         self._health.ok("mqtt", f"connected to {self._where()}")
         log.info("connected", broker=self._where(), session_present=flags.session_present)
+        self._connected_at = time.monotonic()
         self._check_session(bool(flags.session_present))
         self._taken_over_at = None
         self._reconcile_subscriptions(client)

@@ -11,6 +11,7 @@ paths and its port are the only lines of tls.conf rewritten.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
@@ -634,7 +635,7 @@ def test_the_shipped_config_starts_as_shipped_and_refuses_anonymous(
         "persistence true",
         "use_username_as_clientid true",
         "max_queued_messages 200000",
-        "max_queued_bytes 134217728",
+        "max_queued_bytes 67108864",
     ):
         assert line in shipped
     assert gateway.running
@@ -1175,6 +1176,68 @@ def test_a_flooding_device_cannot_grow_ingestds_queue_past_max_queued_bytes(
             back.close()
     finally:
         device.close()
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1)) / 1024
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    """An MQTT packet: fixed header (type and flags, remaining length) and body."""
+    length, size = b"", len(body)
+    while True:
+        size, digit = divmod(size, 128)
+        length += bytes([digit | (0x80 if size else 0)])
+        if not size:
+            return bytes([kind]) + length + body
+
+
+def _string(text: str) -> bytes:
+    return struct.pack("!H", len(text.encode())) + text.encode()
+
+
+def test_a_device_that_stops_reading_cannot_make_the_broker_hold_more_than_the_limits(
+    gateway: GatewayMosquitto,
+) -> None:
+    """A device subscribed to its own /set topic (it may read that), which publishes there
+    and never reads its socket, with the largest in-flight window MQTT 5 allows: the
+    broker holds what it cannot send for it, up to max_inflight_bytes + max_queued_bytes of
+    payload (twice that in RAM: the stored message and the packet waiting to be sent)."""
+    limits = _shipped_setting("max_inflight_bytes") + _shipped_setting("max_queued_bytes")
+    assert gateway.pid is not None
+    user, password = "esp32-a", USERS["esp32-a"]
+    topic = f"homie/{user}/probe/ph/set"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect((gateway.host, gateway.port))
+        receive_maximum = b"\x21\xff\xff"  # property: Receive Maximum 65,535
+        connect = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", 60)
+        connect += bytes([len(receive_maximum)]) + receive_maximum
+        connect += _string(user) + _string(user) + _string(password)
+        sock.sendall(_packet(0x10, connect))
+        assert sock.recv(4)[:4] == b"\x20\x0e\x00\x00", "CONNACK"
+        sock.sendall(_packet(0x82, struct.pack("!H", 1) + b"\x00" + _string(topic) + b"\x01"))
+        time.sleep(0.5)  # the SUBACK waits in the socket, unread, like all that follows
+        before = _rss_mib(gateway.pid)
+        payload = b"x" * (120 * 1024)
+        sent = 0
+        for mid in itertools.cycle(range(1, 65536)):  # QoS 1, each back to this device
+            sock.sendall(_packet(0x32, _string(topic) + struct.pack("!H", mid) + b"\x00" + payload))
+            sent += len(payload)
+            if sent >= 4 * limits:
+                break
+        # Past the limits the broker drops what it cannot hold, and says so once.
+        wait_until(
+            lambda: f"dropped for client {user}" in gateway.log_path.read_text(),
+            "the broker dropping messages for the device",
+        )
+        grown = _rss_mib(gateway.pid) - before
+    limit_mib = limits / 2**20
+    assert grown < 3 * limit_mib, f"the broker grew {grown:.0f} MiB for {sent >> 20} MiB sent"
 
 
 def test_a_device_reads_nothing_but_its_own_set_commands(
