@@ -149,7 +149,7 @@ def test_an_acknowledgement_given_to_another_instance_reaches_the_owner_with_its
     async def body(a: Instance, b: Instance) -> None:
         a.start()
         await until(lambda: 0 in a.rules.stages, "a owns the partition", 5)
-        b.start()
+        # b is not started: an instance that owns no partition, whose HTTP API was asked.
         await a.send(("d1", 7.5))
         await until(lambda: a.kinds() == [("firing", "d1")], "a fires d1")
         alert = a.events[0]["id"]
