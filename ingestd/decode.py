@@ -589,9 +589,8 @@ class _Route:
             # letters, and the next level says who may have.
             raise Reject(
                 DEVICE_INVALID,
-                "device '5' is Homie v5's version level, never a device:"
-                f" {_clip('/'.join(levels))} is a v5 topic (homie/5/<device>/<node>/<property>)"
-                " one level short",
+                f"device '5' is Homie v5's version level: {_clip('/'.join(levels), 60)} is"
+                " a v5 topic (homie/5/<device>/<node>/<property>) one level short",
             )
         if not payload:  # an empty retained message deletes a property: nothing to record
             return []
