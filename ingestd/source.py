@@ -64,7 +64,7 @@ _SEEN_EVERY = 60.0
 """Seconds between updates of the session record while connected: a kill -9 makes ingestd
 believe it left up to this much earlier than it did, never later (so never a false alarm)."""
 _TAKEN_OVER = 0x8E
-"""MQTT 5 DISCONNECT reason "Session taken over" (Mosquitto sends it from 2.0.12 on; 2.0.11
+"""MQTT 5 DISCONNECT reason "Session taken over" (Mosquitto sends it from 2.0.15 on; 2.0.11
 only closes the socket, and the reconnect then finds the session gone)."""
 
 

@@ -3,7 +3,7 @@ replaced by a fresh one (log, /healthz, ingestd_mqtt_session_lost_total, a pause
 
 The brokers are real Mosquitto 2.0.11 with the permissive test config, where any client may
 use any client id. Mosquitto 2.0.11 never sends MQTT 5's DISCONNECT reason 0x8E "session
-taken over" (it closes the socket; 2.0.12 and later send it), so one test puts a relay in
+taken over" (it closes the socket; 2.0.15 and later send it), so one test puts a relay in
 front of the real broker that sends it on demand, as a newer broker does.
 """
 
