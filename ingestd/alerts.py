@@ -3,8 +3,12 @@
 Every event is published at QoS 1 to ``alerts/<severity>/<site>/<device>/<rule>`` and the
 alert's current state is kept retained on ``alerts/state/<site>/<device>/<rule>/<field>``
 (cleared on resolution), so ``mosquitto_sub -t 'alerts/#' -v`` shows the stream and the
-picture. Operators acknowledge by publishing to ``alerts/ack/<alert id>`` (the payload says
-who) or with ``ingestd alerts ack ID``.
+picture. Operators acknowledge by publishing to ``alerts/ack/<alert id>/<their username>``
+(the payload: an optional note, cut to :data:`ACK_NOTE_MAX` characters) or with ``ingestd
+alerts ack ID``. Who acknowledged is the topic's last level, never the payload: the gateway
+broker's ACL lets an operator write only under their own username, so the name is the
+broker's word. The old form, ``alerts/ack/<alert id>`` with a name as payload, is refused
+(logged): anyone could put any name there.
 
 What a transition changed (the open, pending and recently changed alerts) is saved to
 ``<spool dir>/alerts.recent.json`` before the messages that caused it are acknowledged, and
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
+import unicodedata
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,24 +43,37 @@ from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
 from ingestd.model import Reading
 from ingestd.rules import AlertEvent, Engine, RulesError, RuleSet, SnapshotError, load_rules
+from ingestd.rules.model import topic_level
 
 if TYPE_CHECKING:
     from ingestd.notify import Handoff
 
 __all__ = [
+    "ACK_BY_MAX",
     "ACK_FILTER",
+    "ACK_NOTE_MAX",
+    "AckRefused",
+    "Acknowledgement",
     "AlertStage",
     "AlertView",
     "FileStore",
     "Publish",
     "StateStore",
+    "ack_topic",
+    "parse_ack",
     "run_writes",
 ]
 
 log = get_logger("alerts")
 
-ACK_FILTER = "alerts/ack/+"
+ACK_FILTER = "alerts/ack/#"
+"""Every form, so that one published the old way is heard and refused with a reason."""
 _ACK_PREFIX = "alerts/ack/"
+ACK_NOTE_MAX = 200
+"""Characters of an acknowledgement's note kept (the rest is cut): it travels in every
+event, notification and history row of the alert, and a payload may be 128 KiB."""
+ACK_BY_MAX = 64
+"""Characters of who acknowledged (a broker username, or what ``--by`` says over HTTP)."""
 ERROR_TOPIC = "ingestd/rules/error"
 _OUTGOING_MAX = 100_000
 _SAVE_EVERY = 0.1  # seconds: at most this often while transitions keep coming
@@ -66,12 +85,57 @@ Publish = Callable[[str, bytes, bool], bool]
 """(topic, payload, retain) -> whether the broker connection took it."""
 
 
+class AckRefused(ValueError):
+    """A message on ``alerts/ack/...`` that is no acknowledgement ingestd can attribute."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    alert_id: str
+    by: str
+    """The broker username the acknowledgement was published under (the topic's last level)."""
+    note: str | None
+
+
+def _clean(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters: control characters become spaces, runs of
+    white space one space; a cut text ends with an ellipsis."""
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def parse_ack(topic: str, payload: bytes) -> Acknowledgement:
+    """``alerts/ack/<alert id>/<username>`` with an optional note; AckRefused otherwise."""
+    levels = topic[len(_ACK_PREFIX) :].split("/") if topic.startswith(_ACK_PREFIX) else []
+    if len(levels) == 1 and levels[0]:
+        raise AckRefused(
+            f"{topic} names no one who acknowledged (the old form, whose payload anyone could"
+            f" fill with any name): publish to {topic}/<your broker username> instead, which"
+            " the gateway broker's ACL lets each operator do only under their own name"
+            " (mosquitto/README.md)"
+        )
+    if len(levels) != 2 or not all(levels):
+        raise AckRefused(f"{topic} is not alerts/ack/<alert id>/<username>")
+    note = _clean(payload[: ACK_NOTE_MAX * 4].decode("utf-8", "replace"), ACK_NOTE_MAX)
+    return Acknowledgement(levels[0], _clean(levels[1], ACK_BY_MAX), note or None)
+
+
+def ack_topic(alert_id: str, by: str) -> str:
+    """Where ``by``'s acknowledgement of ``alert_id`` is published (ingestd's own account may
+    write any name: a cluster instance passes on what its HTTP API was told)."""
+    return f"{_ACK_PREFIX}{topic_level(alert_id)}/{topic_level(_clean(by, ACK_BY_MAX))}"
+
+
 class AlertView(Protocol):
     """What the HTTP API asks of the alerts (one stage, or a cluster's partitions)."""
 
     def firing(self) -> list[dict[str, Any]]: ...
 
-    def acknowledge(self, alert_id: str, by: str) -> dict[str, Any] | None: ...
+    def acknowledge(
+        self, alert_id: str, by: str, note: str | None = None
+    ) -> dict[str, Any] | None: ...
 
 
 class StateStore(Protocol):
@@ -237,18 +301,29 @@ class AlertStage:
     def is_ack(topic: str) -> bool:
         return topic.startswith(_ACK_PREFIX)
 
-    def acknowledge(self, alert_id: str, by: str) -> dict[str, Any] | None:
-        """Acknowledge a firing alert; None when there is no such firing alert."""
-        event = self.engine.acknowledge(alert_id, by or "unknown")
+    def acknowledge(self, alert_id: str, by: str, note: str | None = None) -> dict[str, Any] | None:
+        """Acknowledge a firing alert; None when there is no such firing alert. ``note``
+        (cut to ACK_NOTE_MAX) is the acknowledged event's ``reason``."""
+        by = _clean(by, ACK_BY_MAX) or "unknown"
+        if note is not None:
+            note = _clean(note, ACK_NOTE_MAX) or None
+        event = self.engine.acknowledge(alert_id, by)
         if event is None:
             log.info("acknowledgement for no firing alert", alert=alert_id, by=by)
             return None
-        log.info("alert acknowledged", alert=alert_id, by=by)
+        if note is not None:
+            event = dataclasses.replace(event, reason=note)
+        log.info("alert acknowledged", alert=alert_id, by=by, note=note)
         self._emit([event])
         return event.to_dict()
 
     def acknowledge_message(self, topic: str, payload: bytes) -> None:
-        self.acknowledge(topic[len(_ACK_PREFIX) :], payload.decode("utf-8", "replace").strip())
+        try:
+            ack = parse_ack(topic, payload)
+        except AckRefused as exc:
+            log.warning("acknowledgement refused", topic=topic[:200], why=str(exc))
+            return
+        self.acknowledge(ack.alert_id, ack.by, ack.note)
 
     def firing(self) -> list[dict[str, Any]]:
         return [alert.to_dict() for alert in self.engine.firing()]

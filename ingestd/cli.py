@@ -348,7 +348,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only these severities (repeat or comma-separate)",
     )
     tail.add_argument("--count", type=int, help="stop after this many live events")
-    broker = commands.add_parser("broker", help="the gateway broker (mosquitto/): device accounts")
+    broker = commands.add_parser(
+        "broker", help="the gateway broker (mosquitto/): device and operator accounts"
+    )
     broker_commands = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
     add_device = broker_commands.add_parser(
         "add-device",
@@ -372,6 +374,23 @@ def _parser() -> argparse.ArgumentParser:
         "--device-pattern", help="ingestd's device_pattern, when not the default"
     )
     add_device.add_argument("--json", action="store_true", help="print JSON")
+    add_operator = broker_commands.add_parser(
+        "add-operator",
+        help="add a person who follows and acknowledges alerts: ACL block and password",
+    )
+    add_operator.add_argument(
+        "name", help="MQTT username, recorded as who acknowledged (alerts/ack/<id>/<name>)"
+    )
+    add_operator.add_argument(
+        "--passwd", type=Path, default=Path("/etc/mosquitto/passwd"), help="Mosquitto password file"
+    )
+    add_operator.add_argument(
+        "--acl", type=Path, default=Path("/etc/mosquitto/acl"), help="the broker's ACL file"
+    )
+    add_operator.add_argument("--password", help="use this password (default: a random one)")
+    add_operator.add_argument("--host", default="gateway.local", help="broker host, for the hints")
+    add_operator.add_argument("--port", type=int, default=1883, help="broker port (default 1883)")
+    add_operator.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -672,6 +691,17 @@ def _simulate(args: argparse.Namespace) -> int:
 def _broker(args: argparse.Namespace) -> int:
     from ingestd import broker  # noqa: PLC0415
 
+    if args.broker_command == "add-operator":
+        operator = broker.add_operator(
+            args.name,
+            args.passwd,
+            args.acl,
+            password=args.password,
+            host=args.host,
+            port=args.port,
+        )
+        sys.stdout.write(broker.render_operator(operator, as_json=args.json))
+        return EXIT_OK
     creds = broker.add_device(
         args.name,
         args.passwd,

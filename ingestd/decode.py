@@ -407,6 +407,11 @@ class _Route:
         self.max_future_ns = int(guard.max_future * _NS)
         self.max_age_ns = int(guard.max_age * _NS)
         self.is_homie = codec == "homie"
+        # A Homie v4 template (homie/{device}/...) also matches v5 topics one level short:
+        # homie/5/X/prop, which device X may publish, would be device "5"'s reading.
+        self.v5_clash = (
+            self.is_homie and self.device_at > 0 and template[self.device_at - 1] == "homie"
+        )
         codecs: dict[str, Callable[[list[str], bytes, int], list[Reading]]] = {
             "json": self._json,
             "value": self._value,
@@ -587,6 +592,14 @@ class _Route:
         return [Reading(measurement, device, tags, {field: value}, received_ns)]
 
     def _homie(self, levels: list[str], payload: bytes, received_ns: int) -> list[Reading]:
+        if self.v5_clash and levels[self.device_at] == "5":
+            # Refused, not skipped: a device publishing there is worth seeing in the dead
+            # letters, and the next level says who may have.
+            raise Reject(
+                DEVICE_INVALID,
+                f"device '5' is Homie v5's version level: {_clip('/'.join(levels), 60)} is"
+                " a v5 topic (homie/5/<device>/<node>/<property>) one level short",
+            )
         if not payload:  # an empty retained message deletes a property: nothing to record
             return []
         return self._value(levels, payload, received_ns)
@@ -688,6 +701,9 @@ class Decoder:
     leading literal levels, ``homie`` or ``homie/5``) a topic with a level starting with
     ``$`` (device and node attributes, ``$target``, ``$broadcast``) or a property topic
     ending in ``/set`` yields ``[]``, as does an empty payload (a retained value deleted).
+    Where the device level follows a literal ``homie`` (v4), device ``5`` is refused
+    (``device_invalid``): ``homie/5/X/prop`` is a v5 topic one level short, which device X
+    may publish, not a reading of a device named 5.
 
     Tasmota: the timestamp is the payload's ``Time`` (local time, ``timezone``), and the
     measurement is ``{measurement}``, else ``measurement``, else ``tasmota``.

@@ -254,6 +254,14 @@ class Metrics:
         self.connected = Gauge(
             "ingestd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.session_lost = Counter(
+            "ingestd_mqtt_session_lost",
+            "Times ingestd's broker session was lost with what the broker held for it, by"
+            " cause: taken_over (another client connected with its client id), not_present"
+            " (gone on reconnect before its expiry), expired (away longer than its expiry)",
+            ["cause"],
+            registry=r,
+        )
         # --- PostgreSQL: device registry, alert history ---
         self.registry_devices = Gauge(
             "ingestd_registry_devices", "Devices in the registry (as cached here)", registry=r

@@ -16,6 +16,13 @@ means "an old value, replayed", never "a new reading". With MQTT 5 the subscript
 fewer replays: Retain Handling 1 (only when the subscription is new, not at each reconnect
 of our persistent session) for ``mqtt.retained: once``, 2 (never) for ``ignore`` and for
 commands (alert acknowledgements). MQTT 3.1.1 has no such option: each reconnect replays.
+
+The broker's session is where readings wait while ingestd is away, already acknowledged to
+their devices; losing it loses them. So the source remembers its session
+(``mqtt_session.json`` in the state dir: who it was, the expiry it asked for, when it was
+last connected) and says loudly - error log, ``/healthz`` component ``mqtt_session``,
+``ingestd_mqtt_session_lost_total{cause}`` - when another client takes the session over
+(MQTT 5 reason 0x8E) or a reconnect finds it gone before its expiry.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from ingestd.health import Health
 from ingestd.logs import get_logger
 from ingestd.metrics import Metrics
 
-__all__ = ["Ack", "MqttSource", "OnMessage"]
+__all__ = ["SESSION_ALARM_HOLD", "Ack", "MqttSource", "OnMessage", "SessionRecord"]
 
 log = get_logger("mqtt")
 
@@ -61,8 +68,73 @@ read (~0.15 ms); 4,096 in one go held the loop 0.6 s under a backlog, and the TS
 commits and alert timers waited: stored throughput fell to a quarter (bench at 10k msg/s)."""
 
 
+SESSION_ALARM_HOLD = 3600.0
+"""Seconds ``/healthz`` keeps saying degraded (``mqtt_session``) after a lost session: the
+loss is over in an instant, and an operator looks later (the metric keeps the count)."""
+_SEEN_EVERY = 60.0
+"""Seconds between updates of the session record while connected: a kill -9 makes ingestd
+believe it left up to this much earlier than it did, never later (so never a false alarm)."""
+_TAKEN_OVER = 0x8E
+"""MQTT 5 DISCONNECT reason "Session taken over" (Mosquitto sends it from 2.0.15 on; 2.0.11
+only closes the socket, and the reconnect then finds the session gone)."""
+
+
 class BrokerRefused(ConnectionError):
     """The broker answered CONNECT with a failure reason code (credentials, ACL, ...)."""
+
+
+class SessionRecord:
+    """What ingestd knows of its broker session across restarts, in one small JSON file.
+
+    A session is ingestd's when the broker, client id, username and protocol are the ones it
+    last connected with; MQTT 5 sessions end ``expiry`` seconds after the last connection
+    (ingestd asks for ``mqtt.session_expiry``); MQTT 3.1.1 sessions have no expiry ingestd
+    knows of (Mosquitto: ``persistent_client_expiration``, off by default).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._written = 0.0
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            data = None
+        except OSError as exc:
+            log.warning("cannot read the session record", file=str(path), error=str(exc))
+            data = None
+        self._data: dict[str, Any] | None = data if isinstance(data, dict) else None
+
+    def expectation(self, identity: dict[str, Any], now: float) -> tuple[str, float | None]:
+        """``("present" | "expired" | "unknown", seconds since last connected)``:
+        whether the broker should still hold the session ``identity`` names."""
+        data = self._data
+        if data is None or data.get("identity") != identity:
+            return "unknown", None  # never connected as this: no session to expect
+        try:
+            seen = float(data["seen_at"])
+            expiry = None if data.get("expiry") is None else float(data["expiry"])
+        except (KeyError, TypeError, ValueError):
+            return "unknown", None
+        away = max(0.0, now - seen)
+        if expiry is None:
+            return "present", away
+        if expiry <= 0:
+            return "unknown", away  # a session that ends with its connection
+        return ("present" if away < expiry else "expired"), away
+
+    def seen(self, identity: dict[str, Any], expiry: float | None, now: float) -> None:
+        """Connected as ``identity`` at ``now``: the broker keeps the session from here."""
+        self._data = {"identity": identity, "expiry": expiry, "seen_at": now}
+        self._written = time.monotonic()
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self._data))
+            tmp.replace(self.path)
+        except OSError as exc:  # only costs the detection of a lost session: go on
+            log.error("cannot save the session record", file=str(self.path), error=str(exc))
+
+    def due(self) -> bool:
+        return time.monotonic() - self._written >= _SEEN_EVERY
 
 
 class MqttSource:
@@ -82,6 +154,14 @@ class MqttSource:
         self._metrics = metrics
         self._health = health
         self._state_file = state_dir / "subscriptions.json"
+        self._session = SessionRecord(state_dir / "mqtt_session.json")
+        self._session_trouble = False
+        """This connection lost the session: pause before the next, so that ingestd and
+        the client holding its id do not throw each other out once a second (cleared once
+        the connection has lasted a while: then it was no such fight)."""
+        self._connected_at = 0.0
+        self._taken_over_at: float | None = None
+        self._alarm: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._client: paho.Client | None = None
@@ -149,6 +229,18 @@ class MqttSource:
                         await misc
                 if self._closing:
                     return
+            if self._session_trouble:
+                self._session_trouble = False
+                pause = self._section.reconnect_max
+                log.warning(
+                    "pausing before reconnecting: the session was lost on this connection,"
+                    " and reconnecting at once would take it back from the other client"
+                    " (which, if it reconnects too, throws ingestd out again)",
+                    broker=self._where(),
+                    retry_in=round(pause, 2),
+                )
+                await asyncio.sleep(random.uniform(pause / 2, pause))
+                continue
             await asyncio.sleep(random.uniform(0, delay))  # full jitter
             delay = min(delay * 2, self._section.reconnect_max)
 
@@ -194,8 +286,12 @@ class MqttSource:
     async def close(self) -> None:
         """Disconnect cleanly; the broker keeps our session and queues for us."""
         self._closing = True
+        if self._alarm is not None:
+            self._alarm.cancel()
         client = self._client
         if client is not None and self._sock is not None:
+            if self._connected.is_set():
+                self._session.seen(self._identity(), self._expiry(), time.time())
             client.disconnect()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), 2)
@@ -264,11 +360,89 @@ class MqttSource:
         )
 
     async def _misc_loop(self) -> None:
-        """paho's keepalive pings and timeouts."""
+        """paho's keepalive pings and timeouts; the session record kept current."""
         while True:
             await asyncio.sleep(1)
             if self._client is not None:
                 self._client.loop_misc()
+            if self._connected.is_set() and self._session.due():
+                self._session.seen(self._identity(), self._expiry(), time.time())
+                if time.monotonic() - self._connected_at >= _SEEN_EVERY:
+                    self._session_trouble = False
+
+    # --- the broker session ---------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "broker": self._where(),
+            "client_id": self._section.client_id,
+            "username": self._section.credentials()[0],
+            "protocol": self._section.protocol,
+        }
+
+    def _expiry(self) -> float | None:
+        return float(self._section.session_expiry) if self._section.protocol == "5" else None
+
+    def _check_session(self, present: bool) -> None:
+        """After a CONNACK: was the session there if it should have been?"""
+        now = time.time()
+        identity = self._identity()
+        expected, away = self._session.expectation(identity, now)
+        self._session.seen(identity, self._expiry(), now)
+        if present or expected == "unknown" or away is None:
+            return
+        if expected == "expired":
+            self._metrics.session_lost.labels("expired").inc()
+            log.warning(
+                "the broker no longer had ingestd's session: ingestd was away longer than"
+                " its session expiry, so the readings the broker had queued for it are gone;"
+                " raise mqtt.session_expiry above the longest time ingestd may be stopped",
+                client_id=self._section.client_id,
+                away_s=round(away),
+                session_expiry_s=self._expiry(),
+            )
+            return
+        taken = self._taken_over_at
+        after = "" if taken is None else " (the session was taken over before this)"
+        self._lost(
+            "not_present",
+            f"the broker had no session for client id {self._section.client_id} when ingestd"
+            f" reconnected after {round(away)} s{after}",
+            "the broker had no session for ingestd, although it should have kept it: the"
+            " readings it had queued for ingestd and those in flight are lost, every one of"
+            " them already acknowledged to its device. Likely causes: another client"
+            " connected with ingestd's client id and a clean start (look for 'already"
+            " connected, closing old connection' with this client id in the broker's log),"
+            " or the broker lost its state (restarted without persistence). On Mosquitto,"
+            " give ingestd a broker account of its own and set use_username_as_clientid"
+            " (mosquitto/README.md)",
+            away_s=round(away),
+        )
+
+    def _lost(self, cause: str, detail: str, message: str, **fields: Any) -> None:
+        """Say loudly that the session, and what it held, is gone."""
+        self._metrics.session_lost.labels(cause).inc()
+        self._session_trouble = True
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._health.problem(
+            "mqtt_session", f"session lost at {at} ({cause}): {detail}; see the log"
+        )
+        log.error(
+            message,
+            cause=cause,
+            broker=self._where(),
+            client_id=self._section.client_id,
+            username=self._section.credentials()[0],
+            **fields,
+        )
+        if self._alarm is not None:
+            self._alarm.cancel()
+        if self._loop is not None:
+            self._alarm = self._loop.call_later(SESSION_ALARM_HOLD, self._alarm_over, at)
+
+    def _alarm_over(self, at: str) -> None:
+        self._alarm = None
+        self._health.ok("mqtt_session", f"last lost at {at}")
 
     # --- paho callbacks (event loop thread unless noted) --------------------------------
 
@@ -289,6 +463,9 @@ class MqttSource:
         self._metrics.connected.set(1)
         self._health.ok("mqtt", f"connected to {self._where()}")
         log.info("connected", broker=self._where(), session_present=flags.session_present)
+        self._connected_at = time.monotonic()
+        self._check_session(bool(flags.session_present))
+        self._taken_over_at = None
         self._reconcile_subscriptions(client)
         self._connected.set()
 
@@ -370,9 +547,26 @@ class MqttSource:
     ) -> None:
         self._metrics.connected.set(0)
         self._subscribed.clear()
+        if self._connected.is_set():
+            self._session.seen(self._identity(), self._expiry(), time.time())
         if not self._closing and self._refusal is None:
             self._health.problem("mqtt", f"disconnected from {self._where()}: {reason}")
-            log.warning("disconnected", broker=self._where(), reason=str(reason))
+            if self._section.protocol == "5" and reason.value == _TAKEN_OVER:
+                self._taken_over_at = time.time()
+                self._lost(
+                    "taken_over",
+                    f"another client connected with client id {self._section.client_id}",
+                    "another client connected to the broker with ingestd's client id, and"
+                    " the broker handed it ingestd's session (reason: session taken over)."
+                    " With a clean start it discarded the readings queued for ingestd, and"
+                    " they are lost; without, it receives them instead of ingestd. Find it"
+                    " in the broker's log (the client id, 'already connected'); on Mosquitto,"
+                    " give ingestd a broker account of its own and set"
+                    " use_username_as_clientid (mosquitto/README.md)",
+                    retry_in=round(self._section.reconnect_max, 2),
+                )
+            else:
+                log.warning("disconnected", broker=self._where(), reason=str(reason))
         self._disconnected.set()
 
     def _on_paho_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -135,7 +135,7 @@ def test_alert_fires_is_acknowledged_over_mqtt_and_resolves_with_retained_state(
         ).stdout
         assert firing["id"] in listing
 
-        watcher.publish(f"alerts/ack/{firing['id']}", b"night-shift")
+        watcher.publish(f"alerts/ack/{firing['id']}/night-shift", b"")
         wait_for(lambda: watcher.events("acknowledged"), "the acknowledgement event")
         assert watcher.events("acknowledged")[0]["acknowledged_by"] == "night-shift"
 
@@ -148,6 +148,34 @@ def test_alert_fires_is_acknowledged_over_mqtt_and_resolves_with_retained_state(
         assert not [m for m in late.on(state_topic) if m[1]], "a cleared state stays retained"
         late.close()
         assert daemon.metric('ingestd_alert_events_total{kind="firing",severity="warning"}') == 1
+        assert daemon.terminate() == 0
+    finally:
+        watcher.close()
+        daemon.close()
+
+
+def test_an_acknowledgement_names_its_sender_in_the_topic_never_in_the_payload(
+    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, unique: str
+) -> None:
+    """The old form, alerts/ack/<id> with a name as payload, let anyone write any name: it
+    is refused (logged), and the note a payload carries is cut."""
+    prefix = f"k{unique}"
+    write_rules(tmp_path, prefix)
+    daemon = start(tmp_path, mosquitto, victoria_metrics, prefix)
+    watcher = Watcher(mosquitto)
+    try:
+        reading(watcher, prefix, "dev2", ph=7.5, ec=1.8)
+        wait_for(lambda: watcher.events("firing"), "the firing event")
+        alert = watcher.events("firing")[0]["id"]
+        watcher.publish(f"alerts/ack/{alert}", b"mallory")
+        wait_for(lambda: "acknowledgement refused" in daemon.log(), "the old form refused")
+        assert f"publish to alerts/ack/{alert}/<your broker username>" in daemon.log()
+        note = "probe swapped \x1b[31m\n" + "z" * 300
+        watcher.publish(f"alerts/ack/{alert}/night-shift", note.encode())
+        wait_for(lambda: watcher.events("acknowledged"), "the acknowledgement event")
+        (acked,) = watcher.events("acknowledged")
+        assert acked["acknowledged_by"] == "night-shift"
+        assert acked["reason"] == ("probe swapped [31m " + "z" * 300)[:199] + "\u2026"
         assert daemon.terminate() == 0
     finally:
         watcher.close()

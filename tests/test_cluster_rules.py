@@ -41,6 +41,7 @@ def server(services: Any) -> Iterator[Redis]:
 class Instance:
     def __init__(self, name: str, url: str, rules: Path) -> None:
         self.events: list[dict[str, Any]] = []
+        self.published: list[tuple[str, bytes]] = []
         settings = Settings.model_validate({
             "mqtt": {"share_group": "g"},
             "redis": {"url": url},
@@ -54,6 +55,7 @@ class Instance:
         self.task: asyncio.Task[None] | None = None
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> bool:
+        self.published.append((topic, payload))
         if payload and not retain and topic.startswith("alerts/critical/"):
             self.events.append(orjson.loads(payload))
         return True
@@ -133,6 +135,37 @@ def test_a_successor_replays_silently_what_its_predecessor_announced(
         await until(lambda: ("firing", "d2") in b.kinds(), "b evaluates what a had not")
         await asyncio.sleep(0.5)
         assert b.kinds() == [("firing", "d2")], "d1's alert, ended under a, is not repeated"
+
+    scenario(server, tmp_path, body)
+
+
+def test_an_acknowledgement_given_to_another_instance_reaches_the_owner_with_its_name(
+    server: Redis, tmp_path: Path
+) -> None:
+    """`ingestd alerts ack` asks any instance's HTTP API; one that does not own the alert
+    passes it on, as alerts/ack/<id>/<name> with the note as payload, which every instance
+    hears and the owner acts on."""
+
+    async def body(a: Instance, b: Instance) -> None:
+        a.start()
+        await until(lambda: 0 in a.rules.stages, "a owns the partition", 5)
+        # b is not started: an instance that owns no partition, whose HTTP API was asked.
+        await a.send(("d1", 7.5))
+        await until(lambda: a.kinds() == [("firing", "d1")], "a fires d1")
+        alert = a.events[0]["id"]
+        forwarded = b.rules.acknowledge(alert, "night/shift", "swapping the probe")
+        assert forwarded == {"id": alert, "forwarded": True, "by": "night/shift"}
+        ((topic, payload),) = [m for m in b.published if m[0].startswith("alerts/ack/")]
+        assert (topic, payload) == (f"alerts/ack/{alert}/night%2Fshift", b"swapping the probe")
+        for instance in (a, b):  # both hear it; only the owner acts
+            instance.rules.acknowledge_message(topic, payload)
+        await until(lambda: ("acknowledged", "d1") in a.kinds(), "a acknowledges d1")
+        acked = a.events[-1]
+        assert (acked["acknowledged_by"], acked["reason"]) == (
+            "night%2Fshift",
+            "swapping the probe",
+        )
+        assert b.kinds() == []
 
     scenario(server, tmp_path, body)
 

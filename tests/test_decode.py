@@ -656,6 +656,23 @@ def test_homie_with_a_configured_measurement_keeps_the_node_as_a_tag() -> None:
     assert r == Reading("homie", "dev1", {"node": "climate"}, {"temperature": 20.0}, RECEIVED)
 
 
+def test_a_homie_v5_topic_one_level_short_is_no_reading_of_a_device_named_5() -> None:
+    """homie/5/X/prop matches the v4 template homie/{device}/{node}/{property} as device
+    "5"; device X may publish it (its own v5 tree), so it would write as another device."""
+    only_v4 = make([Subscription(template="homie/{device}/{node}/{property}", codec="homie")])
+    for decoder in (DECODER, only_v4):
+        refused = rejected("homie/5/esp32-x/temperature", "21.5", decoder)
+        assert refused.reason == DEVICE_INVALID and "Homie v5" in refused.detail, refused
+        assert rejected("homie/5/esp32-x/temperature", "", decoder).reason == DEVICE_INVALID
+    # The v5 property itself, and v4 devices whose names merely contain a 5, are readings.
+    assert one("homie/5/esp32-x/climate/temperature", "21.5").device == "esp32-x"
+    assert only_v4.decode("homie/esp5/climate/t", b"1", RECEIVED)[0].device == "esp5"
+    assert only_v4.decode("homie/55/climate/t", b"1", RECEIVED)[0].device == "55"
+    # Only where the device level follows a literal "homie": elsewhere 5 is a device id.
+    other = make([Subscription(template="h/{device}/{node}/{property}", codec="homie")])
+    assert other.decode("h/5/climate/t", b"1", RECEIVED)[0].device == "5"
+
+
 def test_homie_values_follow_the_value_rules() -> None:
     assert rejected("homie/dev1/door/state", "open").reason == MALFORMED
     assert rejected("homie/dev1/climate/t", "NaN").reason == NOT_FINITE

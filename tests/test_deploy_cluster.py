@@ -28,6 +28,7 @@ SINGLE = REPO / "deploy" / "ingestd.service"
 INSTANCES = ("a", "b", "c")
 EXEC_START = "/opt/ingestd/venv/bin/ingestd"
 PER_INSTANCE = {
+    ("mqtt", "username"),
     ("mqtt", "client_id"),
     ("spool", "dir"),
     ("http", "listen"),
@@ -63,7 +64,7 @@ def _directives(text: str) -> set[str]:
 
 def test_shipped_files_are_the_unit_the_readme_and_one_config_per_instance() -> None:
     assert sorted(p.name for p in CLUSTER.iterdir()) == sorted(
-        ["README.md", "ingestd@.service", *(f"{i}.yaml" for i in INSTANCES)]
+        ["README.md", "acl", "ingestd@.service", *(f"{i}.yaml" for i in INSTANCES)]
     )
 
 
@@ -91,10 +92,33 @@ def test_each_instance_config_loads_and_they_form_one_cluster() -> None:
         assert len(set(values)) == len(values), values
 
     distinct([s.mqtt.client_id for s in instances.values()])
+    distinct([s.mqtt.username for s in instances.values()])
+    for name, settings in instances.items():
+        # The gateway broker keys a session by the username: the client id sent says the same.
+        assert settings.mqtt.username == settings.mqtt.client_id == f"ingestd-{name}", name
     distinct([s.spool.dir for s in instances.values()])
     distinct([s.http.listen for s in instances.values()])
     distinct([s.http.port for s in instances.values()])  # all three fit on one machine
     distinct([s.cluster.instance for s in instances.values()])
+
+
+def test_the_cluster_acl_is_the_gateway_acl_with_an_account_per_instance() -> None:
+    """deploy/cluster/acl: mosquitto/acl's patterns and users, but for the block of user
+    ingestd, which is there once per instance (the accounts of a.yaml, b.yaml, c.yaml)."""
+    from ingestd.broker import acl_blocks  # noqa: PLC0415
+
+    def rules(text: str) -> tuple[list[str], dict[str, list[str]]]:
+        lines = [line.strip() for line in text.splitlines()]
+        patterns = [line for line in lines if line.startswith("pattern")]
+        return patterns, acl_blocks(text)
+
+    gateway_patterns, gateway_users = rules((REPO / "mosquitto" / "acl").read_text())
+    cluster_patterns, cluster_users = rules((CLUSTER / "acl").read_text())
+    assert cluster_patterns == gateway_patterns
+    ingestd = gateway_users.pop("ingestd")
+    accounts = {_load(name).mqtt.username for name in INSTANCES}
+    assert {user: cluster_users.pop(user) for user in accounts} == dict.fromkeys(accounts, ingestd)
+    assert cluster_users == gateway_users  # devices' name "5", the operator
 
 
 def test_instance_configs_differ_only_in_the_per_instance_settings() -> None:

@@ -294,6 +294,8 @@ def test_alert_rules_cover_what_breaks_a_gateway(rules: list[dict[str, Any]]) ->
     sink = rule_with("ingestd_write_errors_total[5m]", "ingestd_points_written_total[5m])) == 0")
     assert sink["for"] == "5m"
     assert rule_with("ingestd_mqtt_connected == 0")["for"] == "2m"
+    lost = rule_with('ingestd_mqtt_session_lost_total{cause!="expired"}')
+    assert lost["labels"]["severity"] == "critical"
     rule_with("ingestd_lag_seconds >")
     assert rule_with("ingestd_quota_shared == 0")["for"] == "5m"
     rule_with("ingestd_notifications_failed_total")

@@ -359,7 +359,10 @@ def test_the_default_message_says_what_where_value_threshold_since_and_how_to_ac
     assert "Where: site gh1, device dev1" in body
     assert "Since: 2026-05-04 11:59 CEST (11m ago)" in body
     assert "pH 7.4 on dev1" in body
-    assert "mosquitto_pub -t alerts/ack/3f2a9c1b7d2e4f60 -m YOUR-NAME" in body
+    assert (
+        "mosquitto_pub -u YOU -P PASSWORD -t alerts/ack/3f2a9c1b7d2e4f60/YOU -m 'optional note'"
+        in body
+    )
     assert "ingestd alerts ack 3f2a9c1b7d2e4f60" in body
     resolved = event("resolved", alert="3f2a9c1b7d2e4f60").to_dict()
     grouped = render(templates, [firing, resolved], route="pager", ref="r2", now=T0, zone=AMSTERDAM)

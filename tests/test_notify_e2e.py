@@ -136,13 +136,13 @@ def test_alerts_reach_http_and_smtp_channels_and_tokens_never_show(
         alert = watcher.events("firing")[0]["id"]
         (firing,) = hooks.delivered("hook")
         assert firing["title"] == "[CRITICAL] FIRING ph_high on tank-1 (site1): ph 7.4, threshold 7"
-        assert f"mosquitto_pub -t alerts/ack/{alert} -m YOUR-NAME" in firing["message"]
+        assert f"-t alerts/ack/{alert}/YOU -m 'optional note'" in firing["message"]
         assert f"ingestd alerts ack {alert}" in firing["message"]
         assert "Where: site site1, device tank-1" in firing["message"]
         ((subject, text),) = mail.mails()
         assert subject == firing["title"] and "pH 7.4 on tank-1" in text
 
-        watcher.publish(f"alerts/ack/{alert}", b"night-shift")
+        watcher.publish(f"alerts/ack/{alert}/night-shift", b"")
         wait_for(lambda: len(hooks.delivered("hook")) == 2, "the acknowledgement")
         reading(watcher, prefix, "tank-1", ph=6.5)
         wait_for(lambda: len(hooks.delivered("hook")) == 3, "the resolution")

@@ -242,7 +242,7 @@ def test_tail_shows_the_retained_picture_then_live_events_with_their_ids(
         assert out.having("currently firing: ")[0].startswith("currently firing: ")
         assert out.lines.index(out.having("currently firing")[0]) < out.lines.index(picture[0])
 
-        watcher.publish(f"alerts/ack/{firing['id']}", b"night-shift")
+        watcher.publish(f"alerts/ack/{firing['id']}/night-shift", b"")
         wait_for(lambda: out.having("ack by night-shift"), "the acknowledgement line")
         acked = out.having("ack by night-shift")[0]
         assert "ACKNOWLEDGED" in acked and f"id={firing['id']}" in acked

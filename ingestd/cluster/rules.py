@@ -37,7 +37,7 @@ import orjson
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from ingestd.alerts import ACK_FILTER, AlertStage, Publish, run_writes
+from ingestd.alerts import AckRefused, AlertStage, Publish, ack_topic, parse_ack, run_writes
 from ingestd.cluster.leases import FENCED_SET, PREFIX, Leases, lease_key, partition_of
 from ingestd.config import Settings
 from ingestd.health import Health
@@ -58,7 +58,6 @@ _READ_COUNT = 200  # stream entries per partition per read (each a batch of read
 _READ_BLOCK = 0.1  # seconds: the longest a read waits for new entries
 _STREAM_MAX = 1_000_000  # entries a partition's stream keeps at most (no owner for long)
 _RETRY = 1.0  # seconds between forwarding attempts while Redis is down
-_ACK_PREFIX = ACK_FILTER[:-1]
 
 
 def stream_key(partition: int) -> str:
@@ -533,20 +532,25 @@ class ClusterRules:
         return AlertStage.is_ack(topic)
 
     def acknowledge_message(self, topic: str, payload: bytes) -> None:
-        """Every instance hears an acknowledgement; the alert's owner acts on it."""
-        alert_id = topic[len(_ACK_PREFIX) :]
+        """Every instance hears an acknowledgement; the alert's owner acts on it (each
+        instance says why it refuses a malformed one: the log of any will do)."""
+        try:
+            alert_id = parse_ack(topic, payload).alert_id
+        except AckRefused:
+            alert_id = None
         for stage in self.stages.values():
-            if stage.owns(alert_id):
+            if alert_id is None or stage.owns(alert_id):
                 stage.acknowledge_message(topic, payload)
                 return
 
-    def acknowledge(self, alert_id: str, by: str) -> dict[str, Any] | None:
+    def acknowledge(self, alert_id: str, by: str, note: str | None = None) -> dict[str, Any] | None:
         """Acknowledge here when this instance owns the alert; else pass it to the owner
         over MQTT (the acknowledgement topic every instance hears)."""
         for stage in self.stages.values():
             if stage.owns(alert_id):
-                return stage.acknowledge(alert_id, by)
-        if not self._publish(_ACK_PREFIX + alert_id, (by or "unknown").encode(), False):
+                return stage.acknowledge(alert_id, by, note)
+        payload = (note or "").encode()
+        if not self._publish(ack_topic(alert_id, by or "unknown"), payload, False):
             return None
         return {"id": alert_id, "forwarded": True, "by": by}
 

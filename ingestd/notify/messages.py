@@ -219,7 +219,11 @@ def _describe(event: Mapping[str, Any], now: float, zone: ZoneInfo) -> dict[str,
     annotations = e.get("annotations") or {}
     e["summary"] = annotations.get("summary") or annotations.get("description") or ""
     e["needs_ack"] = kind in _NEEDS_ACK and e.get("state") != "acknowledged"
-    e["ack_mqtt"] = f"mosquitto_pub -t alerts/ack/{e['id']} -m YOUR-NAME"
+    # The topic's last level is who acknowledges, and the gateway broker takes it only from
+    # that account (mosquitto/acl): the same name twice, the payload an optional note.
+    e["ack_mqtt"] = (
+        f"mosquitto_pub -u YOU -P PASSWORD -t alerts/ack/{e['id']}/YOU -m 'optional note'"
+    )
     e["ack_cli"] = f"ingestd alerts ack {e['id']}"
     e["headline"] = _headline(e)
     return e
